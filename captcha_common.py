@@ -1,0 +1,129 @@
+"""What the chapter's scripts share: the alphabet, the label rule, the font, safe writes, the CLI."""
+import os
+import sys
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import fire
+
+from elapsedtimer import ElapsedTimer
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+DIGITS = "0123456789"
+CHARSET = LETTERS + DIGITS  # the book's class order: A-Z are 0-25, 0-9 are 26-35
+CAPTCHA_LENGTH = 4
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+FONT_NAME = "DancingScript-Regular"
+FONT_PACKAGE = "fonts-dancingscript"
+FONT_DIRS = (
+    "/usr/share/fonts",
+    "/usr/local/share/fonts",
+    "~/.local/share/fonts",
+    "~/.fonts",
+    "/Library/Fonts",
+    "~/Library/Fonts",
+    "C:/Windows/Fonts",
+)
+
+
+class CaptchaError(Exception):
+    """Bad input that the user can fix; the CLI prints it as one line."""
+
+
+def label_from_filename(filename):
+    """The CAPTCHA text of a file: its name up to the first '_' or '.' (26UR_1.png -> 26UR)."""
+    name = Path(filename).name
+    for separator in "_.":
+        name = name.split(separator, 1)[0]
+    return name
+
+
+def is_valid_label(label):
+    return len(label) == CAPTCHA_LENGTH and all(c in CHARSET for c in label)
+
+
+def checked_label(filename):
+    label = label_from_filename(filename)
+    if not is_valid_label(label):
+        raise CaptchaError(
+            f"{filename}: label {label!r} is not {CAPTCHA_LENGTH} characters of A-Z0-9"
+        )
+    return label
+
+
+def is_image_file(filename):
+    """Image files only: hidden files (our own temporaries among them) and others don't count."""
+    name = Path(filename).name
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_font(font=None):
+    """The font to draw with: the given path, else $CAPTCHA_FONT, else DancingScript-Regular found on the system."""
+    if font is not None:
+        return _checked_font_file(str(font))
+    if os.environ.get("CAPTCHA_FONT"):
+        return _checked_font_file(os.environ["CAPTCHA_FONT"])
+    for folder in FONT_DIRS:
+        folder = Path(folder).expanduser()
+        for suffix in (".ttf", ".otf"):
+            found = sorted(folder.rglob(FONT_NAME + suffix)) if folder.is_dir() else []
+            if found:
+                return str(found[0])
+    raise CaptchaError(
+        f"font {FONT_NAME} not found: install Debian's {FONT_PACKAGE} "
+        f"(apt-get install {FONT_PACKAGE}), or pass --font or set CAPTCHA_FONT to a .ttf/.otf file"
+    )
+
+
+def _checked_font_file(path):
+    from PIL import ImageFont
+
+    if not os.path.isfile(path):
+        raise CaptchaError(f"font file not found: {path}")
+    try:
+        ImageFont.truetype(path, 10)
+    except OSError:
+        raise CaptchaError(f"not a usable TrueType/OpenType font: {path}") from None
+    return path
+
+
+def ensure_dir(path):
+    """Create an output folder, or say in one line why it can't be used."""
+    path = Path(str(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CaptchaError(f"cannot create output folder {path}: {error.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise CaptchaError(f"output folder is not writable: {path}")
+    return path
+
+
+def hidden_temporary(final_path):
+    """A hidden name beside final_path that keeps its ending, so writers that check
+    suffixes ('.keras', '.weights.h5') accept it and folder readers skip it."""
+    final_path = Path(final_path)
+    return final_path.with_name(f".{uuid.uuid4().hex[:12]}.{final_path.name}")
+
+
+@contextmanager
+def atomic_path(final_path):
+    """Yield a temporary path to write; on success it replaces final_path in one step."""
+    temporary = hidden_temporary(final_path)
+    try:
+        yield temporary
+        os.replace(temporary, final_path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def run_cli(component, timer_name):
+    """Run a fire CLI under the book's ElapsedTimer; a CaptchaError becomes one line on stderr and exit 2."""
+    try:
+        with ElapsedTimer(timer_name):
+            fire.Fire(component)
+    except CaptchaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

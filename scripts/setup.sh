@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Make the checkout ready to run: .venv with requirements.txt, and the DancingScript font.
+# Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else return 1
+  fi
+}
+
+apt_install() {
+  command -v apt-get >/dev/null || return 1
+  echo "setup: installing Debian packages: $*"
+  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  if ! python3 -m venv .venv 2>/dev/null; then
+    rm -rf .venv
+    apt_install python3-venv || { echo "setup: python3 -m venv failed; install your distribution's python3-venv package" >&2; exit 1; }
+    python3 -m venv .venv
+  fi
+fi
+
+stamp=.venv/.requirements.installed
+if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
+  echo "setup: installing requirements.txt into .venv"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+  touch "$stamp"
+fi
+
+font_found() { .venv/bin/python -c 'import captcha_common; captcha_common.find_font()' 2>/dev/null; }
+if ! font_found; then
+  apt_install fonts-dancingscript || true
+  font_found || {
+    echo "setup: the font DancingScript-Regular is missing. Install Debian's fonts-dancingscript" >&2
+    echo "       (sudo apt-get install fonts-dancingscript), or set CAPTCHA_FONT=/path/to/DancingScript-Regular.ttf" >&2
+    exit 1
+  }
+fi

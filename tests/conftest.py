@@ -1,0 +1,8 @@
+import pytest
+
+from captcha_common import find_font
+
+
+@pytest.fixture(scope="session")
+def font():
+    return find_font()

@@ -1,0 +1,93 @@
+import os
+
+import pytest
+
+import captcha_common
+from captcha_common import (
+    CHARSET,
+    CaptchaError,
+    atomic_path,
+    checked_label,
+    find_font,
+    is_image_file,
+    label_from_filename,
+)
+
+
+@pytest.mark.parametrize("name, label", [
+    ("26UR.png", "26UR"),
+    ("26UR_1.png", "26UR"),
+    ("26UR_12.jpeg", "26UR"),
+    ("/some/dir with space/A0B1.png", "A0B1"),
+    ("A0B1", "A0B1"),
+    ("AB.CD_1.png", "AB"),
+])
+def test_label_is_the_name_before_the_first_underscore_or_dot(name, label):
+    assert label_from_filename(name) == label
+
+
+def test_charset_is_the_books_class_order():
+    assert CHARSET == "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+@pytest.mark.parametrize("name", ["26U.png", "26URX.png", "26ur.png", "26-R.png", "_26UR.png"])
+def test_bad_labels_are_named_in_the_error(name):
+    with pytest.raises(CaptchaError, match=name):
+        checked_label(name)
+
+
+@pytest.mark.parametrize("name, is_image", [
+    ("26UR.png", True), ("26UR.PNG", True), ("x.jpg", True),
+    (".DS_Store", False), ("notes.txt", False), (".a1b2c3.26UR.png", False),
+])
+def test_only_visible_image_files_count(name, is_image):
+    assert is_image_file(name) is is_image
+
+
+def test_font_from_environment(monkeypatch, font):
+    monkeypatch.setenv("CAPTCHA_FONT", font)
+    monkeypatch.setattr(captcha_common, "FONT_DIRS", ())
+    assert find_font() == font
+
+
+def test_missing_font_names_the_debian_package(monkeypatch, tmp_path):
+    monkeypatch.delenv("CAPTCHA_FONT", raising=False)
+    monkeypatch.setattr(captcha_common, "FONT_DIRS", (str(tmp_path),))
+    with pytest.raises(CaptchaError, match="fonts-dancingscript"):
+        find_font()
+
+
+def test_font_found_in_a_font_folder(monkeypatch, tmp_path, font):
+    nested = tmp_path / "truetype" / "dancing"
+    nested.mkdir(parents=True)
+    copy = nested / ("DancingScript-Regular" + os.path.splitext(font)[1])
+    copy.write_bytes(open(font, "rb").read())
+    monkeypatch.delenv("CAPTCHA_FONT", raising=False)
+    monkeypatch.setattr(captcha_common, "FONT_DIRS", (str(tmp_path),))
+    assert find_font() == str(copy)
+
+
+def test_a_file_that_is_not_a_font_is_refused(tmp_path):
+    fake = tmp_path / "font.ttf"
+    fake.write_text("not a font")
+    with pytest.raises(CaptchaError, match="not a usable"):
+        find_font(fake)
+
+
+def test_atomic_path_leaves_nothing_when_the_write_fails(tmp_path):
+    target = tmp_path / "model.keras"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_replaces_in_one_step(tmp_path):
+    target = tmp_path / "model.weights.h5"
+    target.write_text("old")
+    with atomic_path(target) as temporary:
+        assert temporary.name.endswith(".weights.h5") and temporary.name.startswith(".")
+        temporary.write_text("new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.weights.h5"]
