@@ -1,0 +1,330 @@
+"""Break CAPTCHAs with the book's CNN: each 100x40 grayscale CAPTCHA is cut into four 25x40
+slices, and one small CNN reads each slice as one of 36 characters.
+
+    python captcha_solver.py train --dest_train data/train --dest_val data/val --outdir runs/book \
+        --batch_size 16 --lr 1e-3 --epochs 20 --n_classes 36 --shuffle True --dim '(40,100,1)'
+    python captcha_solver.py evaluate --model_path runs/book/captcha_breaker.keras \
+        --eval_dest data/test --outdir runs/book
+    python captcha_solver.py predict data/test/26UR.png
+"""
+import os
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras loads TensorFlow: no start-up chatter
+import keras  # noqa: E402
+from keras import layers  # noqa: E402
+
+from captcha_common import (
+    CAPTCHA_LENGTH,
+    CHARSET,
+    CaptchaError,
+    atomic_path,
+    checked_label,
+    ensure_dir,
+    is_image_file,
+    run_cli,
+)
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "captcha_breaker.keras"
+MODEL_FILE = "captcha_breaker.keras"
+BOOK_DIM = (40, 100, 1)
+
+# ## Data
+#
+# Every CAPTCHA is decoded once, as uint8, and kept in memory: 16,000 of them
+# take 64 MB. Scaling to [0, 1] happens per batch.
+
+
+def load_img(path, dim=(100, 40)):
+    """One CAPTCHA as a (height, width, 1) uint8 grayscale array, resized to dim = (width, height)."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise CaptchaError(f"cannot read image {path}: the file is corrupt or not an image")
+    img = cv2.resize(img, dim)
+    return img.reshape((dim[1], dim[0], 1))
+
+
+def create_dict_char_to_index():
+    """The book's class numbering: A-Z are 0-25 and 0-9 are 26-35."""
+    char_to_index_dict = {char: index for index, char in enumerate(CHARSET)}
+    index_to_char_dict = {index: char for index, char in enumerate(CHARSET)}
+    return char_to_index_dict, index_to_char_dict
+
+
+def list_captchas(dest):
+    """The image files in a folder, sorted; anything else is skipped with one warning."""
+    folder = Path(str(dest))
+    if not folder.is_dir():
+        raise CaptchaError(f"no such folder: {folder}")
+    names = sorted(os.listdir(folder))
+    images = [name for name in names if is_image_file(name)]
+    if len(images) < len(names):
+        warnings.warn(f"{folder}: skipped {len(names) - len(images)} files that are not images",
+                      stacklevel=2)
+    if not images:
+        raise CaptchaError(f"no CAPTCHA images in {folder}")
+    return [folder / name for name in images]
+
+
+def load_captchas(files, dim=BOOK_DIM, with_labels=True):
+    """Decode files in parallel into (N, height, width, 1) uint8 images and (N, 4) class labels."""
+    height, width, _ = dim
+    labels = None
+    if with_labels:
+        char_to_index, _ = create_dict_char_to_index()
+        labels = np.array([[char_to_index[c] for c in checked_label(f)] for f in files], np.int32)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # cv2 releases the GIL while decoding
+        images = np.stack(list(pool.map(lambda f: load_img(f, (width, height)), files)))
+    return images, labels
+
+
+def cut_slices(images):
+    """(N, 40, 100, 1) CAPTCHAs -> (4N, 40, 25, 1) slices, the four of each CAPTCHA in a row."""
+    n, height, width, channels = images.shape
+    slice_width = width // CAPTCHA_LENGTH
+    images = images[:, :, : slice_width * CAPTCHA_LENGTH]
+    slices = images.reshape(n, height, CAPTCHA_LENGTH, slice_width, channels).swapaxes(1, 2)
+    return slices.reshape(n * CAPTCHA_LENGTH, height, slice_width, channels)
+
+
+class DataGenerator(keras.utils.PyDataset):
+    """Batches of slices from a folder decoded once into memory, reshuffled every epoch.
+
+    batch_size counts CAPTCHAs, as in the book, so a batch holds 4 * batch_size slices.
+    """
+
+    def __init__(self, dest, char_to_index_dict=None, batch_size=32, n_classes=36,
+                 dim=BOOK_DIM, shuffle=True, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        images, labels = load_captchas(list_captchas(dest), dim)
+        self.slices = cut_slices(images)
+        self.labels = labels.reshape(-1)
+        self.batch_size = batch_size * CAPTCHA_LENGTH
+        self.shuffle = shuffle
+        self.rng = np.random.default_rng(seed)
+        self.on_epoch_end()
+
+    def __len__(self):
+        return int(np.ceil(len(self.labels) / self.batch_size))
+
+    def __getitem__(self, index):
+        batch = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        return self.slices[batch].astype("float32") / 255.0, self.labels[batch]
+
+    def on_epoch_end(self):
+        self.order = np.arange(len(self.labels))
+        if self.shuffle:
+            self.rng.shuffle(self.order)
+
+
+# ## Model
+#
+# Exactly the book's network. It reads one 40x25 slice.
+
+
+def _model_(n_classes, lr=1e-3):
+    input_ = keras.Input(shape=(40, 25, 1))
+    x = layers.Conv2D(20, (5, 5), padding="same", activation="relu")(input_)
+    x = layers.MaxPooling2D(pool_size=(2, 2), strides=(2, 2))(x)
+    x = layers.Dropout(0.2)(x)
+    x = layers.Conv2D(50, (5, 5), padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D(pool_size=(2, 2), strides=(2, 2))(x)
+    x = layers.Dropout(0.2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(1024, activation="relu")(x)
+    out = layers.Dense(n_classes, activation="softmax")(x)
+    model = keras.Model(inputs=[input_], outputs=out, name="book")
+    model.compile(loss="sparse_categorical_crossentropy",
+                  optimizer=keras.optimizers.Adam(learning_rate=lr), metrics=["accuracy"])
+    return model
+
+
+# ## Training
+
+
+class EpochSeconds(keras.callbacks.Callback):
+    """Adds each epoch's wall time to the logs, so the history CSV records it."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["seconds"] = time.perf_counter() - self.start
+
+
+def _checked_dim(dim, n_classes):
+    if n_classes != len(CHARSET):
+        raise CaptchaError(f"--n_classes must be {len(CHARSET)} (A-Z and 0-9), got {n_classes!r}")
+    if tuple(dim) != BOOK_DIM:
+        raise CaptchaError(f"--dim must be {BOOK_DIM} for the book's model, got {dim!r}")
+    return tuple(dim)
+
+
+def _learning_rate(lr, schedule, epochs, steps_per_epoch):
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=epochs * steps_per_epoch)
+    raise CaptchaError(f"unknown --schedule {schedule!r}: choose constant or cosine")
+
+
+def train(dest_train, dest_val, outdir, batch_size=16, n_classes=36, dim=BOOK_DIM,
+          shuffle=True, epochs=20, lr=1e-3, schedule="constant", patience=None, seed=None):
+    """Train the book's model; writes captcha_breaker.keras, history.csv and curves.png to outdir."""
+    dim = _checked_dim(dim, n_classes)
+    outdir = ensure_dir(outdir)
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    char_to_index_dict, _ = create_dict_char_to_index()
+    train_generator = DataGenerator(dest_train, char_to_index_dict, batch_size, n_classes, dim,
+                                    shuffle, seed)
+    val_generator = DataGenerator(dest_val, char_to_index_dict, batch_size, n_classes, dim,
+                                  shuffle=False)
+    model = _model_(n_classes, _learning_rate(lr, schedule, epochs, len(train_generator)))
+    callbacks = [EpochSeconds(), keras.callbacks.CSVLogger(str(outdir / "history.csv"))]
+    if patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", patience=patience, restore_best_weights=True))
+    history = model.fit(train_generator, epochs=epochs, validation_data=val_generator,
+                        callbacks=callbacks, verbose=2)
+    with atomic_path(outdir / MODEL_FILE) as temporary:
+        model.save(temporary)
+    plot_history(pd.DataFrame(history.history), outdir / "curves.png")
+    print(f"Model written at: {outdir / MODEL_FILE}")
+
+
+def plot_history(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = np.arange(1, len(history) + 1)
+    for axis, metric in zip(axes, ("loss", "accuracy")):
+        axis.plot(epochs, history[metric], label="train")
+        axis.plot(epochs, history[f"val_{metric}"], label="validation")
+        axis.set(xlabel="epoch", title=f"per-character {metric}")
+        axis.legend()
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary)
+    plt.close(figure)
+
+
+# ## Evaluation and use
+
+
+def load_breaker(model_path):
+    """A model this script wrote, or one clear line saying why the file isn't one."""
+    model_path = Path(str(model_path))
+    if not model_path.is_file():
+        raise CaptchaError(f"no model file at {model_path}")
+    try:
+        model = keras.models.load_model(model_path)
+    except Exception as error:  # Keras raises many kinds for a file it can't read
+        raise CaptchaError(f"{model_path} is not a readable Keras model: {error}".splitlines()[0])
+    if tuple(model.input_shape[1:]) != (40, 25, 1) or tuple(model.output_shape[1:]) != (len(CHARSET),):
+        raise CaptchaError(f"{model_path} is not a CAPTCHA breaker: it maps {model.input_shape[1:]} "
+                           f"to {model.output_shape[1:]}, not a 40x25x1 slice to {len(CHARSET)} classes")
+    return model
+
+
+def read_captchas(model, images, batch_size=4096):
+    """The 4-character text of each (N, 40, 100, 1) uint8 CAPTCHA, all slices in large batches."""
+    slices = cut_slices(images).astype("float32") / 255.0
+    probabilities = model.predict(slices, batch_size=batch_size, verbose=0)
+    codes = probabilities.argmax(axis=1).reshape(-1, CAPTCHA_LENGTH)
+    alphabet = np.array(list(CHARSET))
+    return ["".join(row) for row in alphabet[codes]]
+
+
+def evaluate(model_path, eval_dest, outdir, fetch_target=True):
+    """Read every CAPTCHA in eval_dest; writes evaluation.csv, and with targets a gallery of failures."""
+    model = load_breaker(model_path)
+    files = list_captchas(eval_dest)
+    images, _ = load_captchas(files, with_labels=False)
+    predictions = read_captchas(model, images)
+    outdir = ensure_dir(outdir)
+    results = pd.DataFrame({"files": [f.name for f in files], "predictions": predictions})
+    if fetch_target:
+        results["targets"] = [checked_label(f) for f in files]
+        results["match"] = (results["predictions"] == results["targets"]).astype(int)
+        report_accuracy(results)
+        write_confusions(results, outdir / "confusions.csv")
+        plot_failures(results, images, outdir / "failures.png")
+    eval_file = outdir / "evaluation.csv"
+    with atomic_path(eval_file) as temporary:
+        results.to_csv(temporary, index=False)
+    print(f"Evaluation file written at: {eval_file}")
+
+
+def report_accuracy(results):
+    per_char = np.mean([p == t for pair in zip(results.predictions, results.targets)
+                        for p, t in zip(*pair)])
+    print(f"Accuracy: {results['match'].mean()}")
+    print(f"Per-character accuracy: {per_char}")
+
+
+def character_confusions(results):
+    """(target, predicted, count) for every misread character, most common first."""
+    counts = Counter((t, p) for pair in zip(results.targets, results.predictions)
+                     for t, p in zip(*pair) if t != p)
+    return pd.DataFrame([(t, p, n) for (t, p), n in counts.most_common()],
+                        columns=["target", "predicted", "count"])
+
+
+def write_confusions(results, path, shown=10):
+    confusions = character_confusions(results)
+    with atomic_path(path) as temporary:
+        confusions.to_csv(temporary, index=False)
+    if len(confusions):
+        print(f"Most common confusions (all in {path}):")
+        print(confusions.head(shown).to_string(index=False))
+
+
+def plot_failures(results, images, path, shown=36):
+    """The book's figure 10.4: failed CAPTCHAs with their target and prediction."""
+    failed = np.flatnonzero(results["match"].to_numpy() == 0)[:shown]
+    if len(failed) == 0:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 4
+    rows = int(np.ceil(len(failed) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 1.5 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, failed):
+        axis.imshow(images[index, :, :, 0], cmap="gray")
+        axis.set_title(f"target {results.targets[index]}  read {results.predictions[index]}",
+                       fontsize=9)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary)
+    plt.close(figure)
+
+
+def predict(path, model_path=DEFAULT_MODEL):
+    """Print the text of one CAPTCHA image, or of every image in a folder."""
+    model = load_breaker(model_path)
+    path = Path(str(path))
+    if not path.exists():
+        raise CaptchaError(f"no such file or folder: {path}")
+    files = list_captchas(path) if path.is_dir() else [path]
+    images, _ = load_captchas(files, with_labels=False)
+    for file, text in zip(files, read_captchas(model, images)):
+        print(f"{file.name}\t{text}")
+
+
+if __name__ == "__main__":
+    run_cli({"train": train, "evaluate": evaluate, "predict": predict}, "captcha_solver")

@@ -1,0 +1,291 @@
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import captcha_solver
+from captcha_common import CHARSET, CaptchaError
+from captcha_solver import (
+    DataGenerator,
+    _model_,
+    create_dict_char_to_index,
+    cut_slices,
+    evaluate,
+    list_captchas,
+    load_breaker,
+    load_captchas,
+    load_img,
+    predict,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ## Data
+
+
+def test_class_numbering_is_the_books():
+    char_to_index, index_to_char = create_dict_char_to_index()
+    assert char_to_index["A"] == 0 and char_to_index["Z"] == 25
+    assert char_to_index["0"] == 26 and char_to_index["9"] == 35
+    assert all(index_to_char[i] == c for c, i in char_to_index.items())
+
+
+def test_load_img_is_100x40_grayscale_uint8(captchas):
+    image = load_img(next((captchas / "train").iterdir()))
+    assert image.shape == (40, 100, 1) and image.dtype == np.uint8
+
+
+def test_slices_are_the_four_quarters_in_order():
+    images = np.tile(np.arange(100, dtype=np.uint8), (2, 40, 1))[..., None]
+    slices = cut_slices(images)
+    assert slices.shape == (8, 40, 25, 1)
+    for k in range(4):
+        assert np.array_equal(slices[k, 0, :, 0], np.arange(25 * k, 25 * (k + 1)))
+        assert np.array_equal(slices[4 + k], slices[k])
+
+
+def test_labels_follow_the_file_names(tmp_path, captchas):
+    source = next((captchas / "train").iterdir())
+    (tmp_path / "B0Z9_3.png").write_bytes(source.read_bytes())
+    images, labels = load_captchas(list_captchas(tmp_path))
+    assert images.shape == (1, 40, 100, 1)
+    assert labels.tolist() == [[1, 26, 25, 35]]
+
+
+def test_data_generator_holds_uint8_slices_and_reshuffles(captchas):
+    generator = DataGenerator(captchas / "val", batch_size=16, seed=0)
+    assert generator.slices.dtype == np.uint8 and len(generator.slices) == 400
+    x, y = generator[0]
+    assert x.shape == (64, 40, 25, 1) and x.dtype == np.float32 and 0 <= x.min() <= x.max() <= 1
+    first = generator.order.copy()
+    generator.on_epoch_end()
+    assert not np.array_equal(first, generator.order)
+
+
+def test_stray_files_are_skipped_with_one_warning(tmp_path, captchas):
+    source = next((captchas / "train").iterdir())
+    (tmp_path / "AB12.png").write_bytes(source.read_bytes())
+    (tmp_path / ".DS_Store").write_text("")
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.warns(UserWarning, match="skipped 2 files"):
+        assert [f.name for f in list_captchas(tmp_path)] == ["AB12.png"]
+
+
+def test_a_bad_label_is_named(tmp_path, captchas):
+    source = next((captchas / "train").iterdir())
+    (tmp_path / "AB1.png").write_bytes(source.read_bytes())
+    with pytest.raises(CaptchaError, match="AB1.png"):
+        load_captchas(list_captchas(tmp_path))
+
+
+def test_a_corrupt_png_is_named(tmp_path):
+    (tmp_path / "AB12.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(CaptchaError, match="AB12.png"):
+        load_captchas(list_captchas(tmp_path))
+
+
+@pytest.mark.parametrize("folder, message", [("missing", "no such folder"), ("empty", "no CAPTCHA images")])
+def test_missing_or_empty_folders_are_refused(tmp_path, folder, message):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CaptchaError, match=message):
+        list_captchas(tmp_path / folder)
+
+
+# ## Model
+
+
+def test_model_is_exactly_the_books_network():
+    model = _model_(36)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["InputLayer", "Conv2D", "MaxPooling2D", "Dropout", "Conv2D", "MaxPooling2D",
+                     "Dropout", "Flatten", "Dense", "Dense"]
+    conv1, conv2 = model.layers[1], model.layers[4]
+    assert (conv1.filters, conv1.kernel_size, conv2.filters, conv2.kernel_size) == (20, (5, 5), 50, (5, 5))
+    assert [model.layers[i].rate for i in (3, 6)] == [0.2, 0.2]
+    assert (model.layers[8].units, model.layers[9].units) == (1024, 36)
+    assert model.input_shape == (None, 40, 25, 1)
+    assert model.count_params() == 3_135_494
+
+
+# ## Training
+
+
+@pytest.fixture(scope="module")
+def trained(captchas, tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("trained")
+    train(captchas / "train", captchas / "val", outdir, batch_size=4, epochs=4, lr=1e-3, seed=0)
+    return outdir
+
+
+def test_training_on_a_small_set_is_far_above_chance(trained):
+    history = pd.read_csv(trained / "history.csv")
+    assert list(history.epoch) == [0, 1, 2, 3]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "seconds"} <= set(history.columns)
+    assert history.val_accuracy.iloc[-1] > 0.3  # chance is 1/36
+    assert (trained / "curves.png").stat().st_size > 0
+
+
+def test_lr_is_honoured(trained):
+    model = keras.models.load_model(trained / "captcha_breaker.keras")
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+
+
+def test_saved_model_reads_as_it_did_in_memory(trained, captchas):
+    model = load_breaker(trained / "captcha_breaker.keras")
+    images, _ = load_captchas(list_captchas(captchas / "test"))
+    slices = cut_slices(images).astype("float32") / 255
+    reloaded = keras.models.load_model(trained / "captcha_breaker.keras")
+    assert np.allclose(model.predict(slices, verbose=0), reloaded.predict(slices, verbose=0))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n_classes": 10}, "n_classes"),
+    ({"dim": (40, 120, 1)}, "--dim"),
+    ({"schedule": "step"}, "schedule"),
+])
+def test_bad_training_settings_are_refused(captchas, tmp_path, kwargs, message):
+    with pytest.raises(CaptchaError, match=message):
+        train(captchas / "val", captchas / "val", tmp_path, epochs=1, **kwargs)
+
+
+# ## Evaluation with a model whose answers we control
+
+
+def intensity_reader():
+    """A breaker that reads a slice of uniform gray level round(255 * c / 35) as class c."""
+    inputs = keras.Input((40, 25, 1))
+    mean = keras.layers.GlobalAveragePooling2D()(inputs)
+    outputs = keras.layers.Dense(36, activation="softmax")(mean)
+    model = keras.Model(inputs, outputs)
+    classes = np.arange(36, dtype="float32")
+    model.layers[-1].set_weights([100 * 35 * classes[None, :], -100 * classes ** 2 / 2])
+    return model
+
+
+def write_gray_captcha(path, text):
+    image = np.zeros((80, 200), np.uint8)
+    for k, char in enumerate(text):
+        image[:, 50 * k:50 * (k + 1)] = round(255 * CHARSET.index(char) / 35)
+    cv2.imwrite(str(path), image)
+
+
+@pytest.fixture
+def controlled(tmp_path):
+    model_path = tmp_path / "reader.keras"
+    intensity_reader().save(model_path)
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    shown = {"AB12.png": "AB12", "Z9Z9_1.png": "Z9Z9", "QQQQ.png": "QRQQ", "0O1I.png": "0O1I"}
+    for name, drawn in shown.items():
+        write_gray_captcha(folder / name, drawn)
+    return model_path, folder
+
+
+def test_evaluate_writes_predictions_targets_and_matches(controlled, tmp_path, capsys):
+    model_path, folder = controlled
+    evaluate(model_path, folder, tmp_path / "out")
+    results = pd.read_csv(tmp_path / "out" / "evaluation.csv", keep_default_na=False)
+    assert list(results.columns) == ["files", "predictions", "targets", "match"]
+    rows = dict(zip(results.files, zip(results.predictions, results.targets, results.match)))
+    assert rows == {"0O1I.png": ("0O1I", "0O1I", 1), "AB12.png": ("AB12", "AB12", 1),
+                    "QQQQ.png": ("QRQQ", "QQQQ", 0), "Z9Z9_1.png": ("Z9Z9", "Z9Z9", 1)}
+    out = capsys.readouterr().out
+    assert "Accuracy: 0.75" in out
+    assert "Per-character accuracy: 0.9375" in out
+    confusions = pd.read_csv(tmp_path / "out" / "confusions.csv")
+    assert confusions.values.tolist() == [["Q", "R", 1]]
+    assert (tmp_path / "out" / "failures.png").stat().st_size > 0
+
+
+def test_evaluate_without_targets_still_writes_predictions(controlled, tmp_path):
+    model_path, folder = controlled
+    (folder / "unlabelled-image.png").write_bytes((folder / "AB12.png").read_bytes())
+    evaluate(model_path, folder, tmp_path / "out", fetch_target=False)
+    results = pd.read_csv(tmp_path / "out" / "evaluation.csv")
+    assert list(results.columns) == ["files", "predictions"]
+    assert dict(zip(results.files, results.predictions))["unlabelled-image.png"] == "AB12"
+
+
+def test_predict_agrees_with_evaluate(controlled, tmp_path, capsys):
+    model_path, folder = controlled
+    evaluate(model_path, folder, tmp_path / "out")
+    capsys.readouterr()
+    predict(folder, model_path=model_path)
+    printed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    results = pd.read_csv(tmp_path / "out" / "evaluation.csv")
+    assert printed == dict(zip(results.files, results.predictions))
+    predict(folder / "QQQQ.png", model_path=model_path)
+    assert capsys.readouterr().out == "QQQQ.png\tQRQQ\n"
+
+
+def test_the_shipped_model_reads_captchas(captchas, capsys):
+    if not captcha_solver.DEFAULT_MODEL.exists():
+        pytest.skip("no model shipped yet")
+    evaluate(captcha_solver.DEFAULT_MODEL, captchas / "test", captchas / "shipped_eval")
+    accuracy = float(re.search(r"^Accuracy: (\S+)", capsys.readouterr().out, re.M).group(1))
+    assert accuracy > 0.8
+
+
+# ## Bad model files
+
+
+def test_missing_model_file(tmp_path, captchas):
+    with pytest.raises(CaptchaError, match="no model file"):
+        evaluate(tmp_path / "none.keras", captchas / "test", tmp_path)
+
+
+def test_corrupt_model_file(tmp_path, captchas):
+    (tmp_path / "broken.keras").write_bytes(os.urandom(2000))
+    with pytest.raises(CaptchaError, match="not a readable Keras model"):
+        predict(captchas / "test", model_path=tmp_path / "broken.keras")
+
+
+def test_a_model_with_another_input_shape(tmp_path, captchas):
+    inputs = keras.Input((32, 32, 3))
+    keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(inputs))).save(tmp_path / "gan.keras")
+    with pytest.raises(CaptchaError, match="not a CAPTCHA breaker"):
+        evaluate(tmp_path / "gan.keras", captchas / "test", tmp_path)
+
+
+def test_predict_on_a_missing_path(controlled, tmp_path):
+    model_path, _ = controlled
+    with pytest.raises(CaptchaError, match="no such file or folder"):
+        predict(tmp_path / "nothing-here", model_path=model_path)
+
+
+# ## The command line
+
+
+def run_solver(*args):
+    return subprocess.run([sys.executable, str(REPO / "captcha_solver.py"), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def test_the_books_command_lines(captchas, tmp_path):
+    outdir = tmp_path / "my model"
+    result = run_solver("train", "--dest_train", f"{captchas}/val/", "--dest_val", f"{captchas}/test",
+                        "--outdir", f"{outdir}/", "--batch_size", "16", "--lr", "1e-3", "--epochs", "1",
+                        "--n_classes", "36", "--shuffle", "True", "--dim", "(40,100,1)")
+    assert result.returncode == 0, result.stderr
+    assert (outdir / "captcha_breaker.keras").is_file()
+    result = run_solver("evaluate", "--model_path", str(outdir / "captcha_breaker.keras"),
+                        "--eval_dest", f"{captchas}/test/", "--outdir", str(outdir), "--fetch_target", "True")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^Accuracy: [0-9.]+$", result.stdout, re.M)
+    assert re.search(r"^\d+\.\d{3} (ms|s|min): captcha_solver$", result.stdout, re.M)
+
+
+def test_bad_input_on_the_command_line_is_one_line(tmp_path):
+    result = run_solver("evaluate", "--model_path", str(tmp_path / "none.keras"),
+                        "--eval_dest", str(tmp_path), "--outdir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no model file")
