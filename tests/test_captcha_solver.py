@@ -289,3 +289,19 @@ def test_bad_input_on_the_command_line_is_one_line(tmp_path):
                         "--eval_dest", str(tmp_path), "--outdir", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: no model file")
+
+
+def test_the_jax_backend_trains_and_evaluates(captchas, tmp_path):
+    pytest.importorskip("jax", reason="the JAX check needs `pip install jax` in .venv")
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    common = dict(capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    script, captcha_dir = str(REPO / "captcha_solver.py"), captchas / "test"
+    result = subprocess.run([sys.executable, script, "train", "--dest_train", str(captchas / "val"),
+                             "--dest_val", str(captcha_dir), "--outdir", str(tmp_path), "--epochs", "1"],
+                            **common)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run([sys.executable, script, "evaluate", "--model_path",
+                             str(tmp_path / "captcha_breaker.keras"), "--eval_dest", str(captcha_dir),
+                             "--outdir", str(tmp_path)], **common)
+    assert result.returncode == 0, result.stderr
+    assert len(pd.read_csv(tmp_path / "evaluation.csv")) == 40

@@ -1,0 +1,160 @@
+"""The book's solver against ours, side by side on one machine, with the same model:
+
+  (a) evaluating CAPTCHAs: the book's loop of one `predict` per slice against `evaluate`;
+  (b) one training epoch at batch size 16: the book's DataGenerator, which reads every batch
+      from disk, against ours, which decodes each file once.
+
+    .venv/bin/python bench/bench_solver.py --num_eval 4000 --num_train 4000 --book_eval 100
+
+Each variant runs in its own process, so its peak memory (max RSS) is its own. The book's
+per-slice loop is slow (four `predict` calls per CAPTCHA), so it reads only --book_eval
+CAPTCHAs, and both are compared as CAPTCHAs per second.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def book_evaluate(model, eval_dest, files, index_to_char_dict, load_img):
+    """The book's evaluate loop, as written (Keras 3 still has model.predict)."""
+    import numpy as np
+
+    predictions = []
+    for f in files:
+        pred = []
+        img = load_img(os.path.join(eval_dest, f))
+        crop_w = img.shape[1] // 4
+        for i in range(4):
+            img_crop = img[:, i * crop_w:(i + 1) * crop_w]
+            img_crop = img_crop[np.newaxis, :]
+            pred_index = np.argmax(model.predict(img_crop, verbose=0), axis=1)
+            pred.append(index_to_char_dict[pred_index[0]])
+        predictions.append(pred)
+    return predictions
+
+
+def book_data_generator(dest, batch_size, load_img):
+    """The book's DataGenerator: lists the folder, then decodes every batch from disk again."""
+    import keras
+    import numpy as np
+
+    from captcha_solver import create_dict_char_to_index
+
+    char_to_index_dict, _ = create_dict_char_to_index()
+
+    class DataGenerator(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.files = os.listdir(dest)
+            self.on_epoch_end()
+
+        def __len__(self):
+            return int(np.floor(len(self.files) / batch_size))
+
+        def __getitem__(self, index):
+            list_files = [self.files[k] for k in self.indexes[index * batch_size:(index + 1) * batch_size]]
+            X = np.empty((4 * len(list_files), 40, 25, 1))
+            y = np.empty((4 * len(list_files)), dtype=int)
+            k = -1
+            for f in list_files:
+                target = [char_to_index_dict[c] for c in f.split(".")[0].split("_")[0]]
+                img = load_img(os.path.join(dest, f))
+                crop_w = img.shape[1] // 4
+                for i in range(4):
+                    k += 1
+                    X[k,] = img[:, i * crop_w:(i + 1) * crop_w]
+                    y[k] = int(target[i])
+            return X, y
+
+        def on_epoch_end(self):
+            self.indexes = np.arange(len(self.files))
+            np.random.shuffle(self.indexes)
+
+    return DataGenerator()
+
+
+def book_load_img(path, dim=(100, 40)):
+    import cv2
+
+    img = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    img = cv2.resize(img, dim)
+    img = img.reshape((dim[1], dim[0], 1))
+    return img / 255.0
+
+
+def run_variant(variant, data, book_eval):
+    """One measurement, in this process; prints a JSON line."""
+    import keras
+
+    import captcha_solver as ours
+
+    model_path = Path(data) / "untrained.keras"
+    start = time.perf_counter()
+    if variant == "book_eval":
+        model = keras.models.load_model(model_path)
+        files = sorted(os.listdir(Path(data) / "eval"))[:book_eval]
+        _, index_to_char = ours.create_dict_char_to_index()
+        book_evaluate(model, str(Path(data) / "eval"), files, index_to_char, book_load_img)
+        count = len(files)
+    elif variant == "ours_eval":
+        ours.evaluate(model_path, Path(data) / "eval", Path(data) / "ours_eval_out")
+        count = len(os.listdir(Path(data) / "eval"))
+    else:
+        model = ours._model_(36)
+        if variant == "book_train":
+            generator = book_data_generator(str(Path(data) / "train"), 16, book_load_img)
+        else:
+            generator = ours.DataGenerator(Path(data) / "train", batch_size=16)
+        model.fit(generator, epochs=1, verbose=0)
+        count = len(os.listdir(Path(data) / "train"))
+    seconds = time.perf_counter() - start
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"variant": variant, "seconds": seconds, "count": count, "peak_mib": peak_mib}))
+
+
+def measure(variant, data, book_eval):
+    result = subprocess.run([sys.executable, __file__, "--variant", variant, "--data", data,
+                             "--book_eval", str(book_eval)], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(num_eval=4000, num_train=4000, book_eval=100, variant=None, data=None, seed=0):
+    if variant:
+        return run_variant(variant, data, book_eval)
+    from CaptchaGenerator import main_process
+    from captcha_solver import _model_
+
+    with tempfile.TemporaryDirectory() as scratch:
+        main_process(outdir_train=f"{scratch}/train", num_captchas_train=num_train,
+                     outdir_test=f"{scratch}/eval", num_captchas_test=num_eval, seed=seed)
+        _model_(36).save(f"{scratch}/untrained.keras")
+        rows = {v: measure(v, scratch, book_eval)
+                for v in ("book_eval", "ours_eval", "book_train", "ours_train")}
+
+    def rate(row):
+        return row["count"] / row["seconds"]
+
+    print(f"\nbench_solver on {os.cpu_count()} cores ({num_eval} CAPTCHAs to read, {num_train} to train on)")
+    print(f"{'':34}{'CAPTCHAs/s':>12}{'seconds':>10}{'peak MiB':>10}")
+    for variant, label in [("book_eval", f"(a) book: predict per slice ({book_eval})"),
+                           ("ours_eval", f"(a) ours: evaluate ({num_eval})"),
+                           ("book_train", "(b) book: disk DataGenerator epoch"),
+                           ("ours_train", "(b) ours: in-memory epoch")]:
+        row = rows[variant]
+        print(f"{label:34}{rate(row):12.1f}{row['seconds']:10.2f}{row['peak_mib']:10.0f}")
+    print(f"(a) evaluation speed-up: {rate(rows['ours_eval']) / rate(rows['book_eval']):.0f}x")
+    print(f"(b) training-epoch speed-up: {rate(rows['ours_train']) / rate(rows['book_train']):.2f}x")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
