@@ -1,0 +1,488 @@
+"""A DCGAN that learns street-view house numbers (SVHN, train_32x32.mat) and then samples new
+images to serve as CAPTCHAs.
+
+    python captcha_gan.py train --dest_train data/svhn/train_32x32.mat --outdir runs/gan \
+        --dir_flag False --batch_size 100 --gen_input_dim 100 --gen_beta1 0.5 --gen_lr 0.0001 \
+        --dis_input_dim '(32,32,3)' --dis_lr 0.001 --dis_beta1 0.5 --alpha 0.2 --epochs 100 \
+        --smooth_coef 0.1
+    python captcha_gan.py generate-captcha --gen_input_dim 100 --num_images 200 \
+        --model_dir runs/gan --outdir runs/gan/captcha_for_use --alpha 0.2
+
+Without a network, `make-synthetic-svhn` writes an offline stand-in in SVHN's exact .mat layout.
+It is synthetic, drawn from installed fonts, and it is not SVHN.
+"""
+import json
+import math
+import os
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from scipy.io import loadmat, savemat
+from tqdm import tqdm
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras loads TensorFlow: no start-up chatter
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402  (GradientTape: the two-network step is TensorFlow's)
+from keras import layers, ops  # noqa: E402
+
+from captcha_common import (  # noqa: E402
+    CaptchaError,
+    atomic_path,
+    ensure_dir,
+    find_font,
+    is_image_file,
+    run_cli,
+)
+
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+SYNTHETIC_FILE = "synthetic_svhn_train_32x32.mat"
+IMAGE_SHAPE = (32, 32, 3)
+
+# ## Data
+#
+# Images are held as uint8, N x 32 x 32 x 3, and scaled to [-1, 1] one batch at
+# a time: SVHN in float64, as the book holds it, takes 1.8 GB.
+
+
+def load_img(path, dim=(32, 32)):
+    """One image as RGB uint8, resized to dim = (width, height)."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise CaptchaError(f"cannot read image {path}: the file is corrupt or not an image")
+    return cv2.cvtColor(cv2.resize(img, dim), cv2.COLOR_BGR2RGB)
+
+
+def read_mat(path):
+    """X as N x H x W x C uint8 and y as N labels from a .mat file in SVHN's layout."""
+    path = Path(str(path))
+    if not path.is_file():
+        raise CaptchaError(f"no such file: {path}")
+    try:
+        data = loadmat(path)
+    except Exception as error:  # scipy raises several kinds for a file that isn't MATLAB
+        raise CaptchaError(f"{path} is not a readable .mat file: {error}".splitlines()[0])
+    if "X" not in data:
+        raise CaptchaError(f"{path} has no variable X: not in SVHN's layout")
+    X = data["X"]
+    if X.ndim != 4 or X.shape[2] != 3 or X.dtype != np.uint8:
+        raise CaptchaError(f"{path}: X is {X.dtype} {X.shape}, SVHN's layout is uint8 H x W x 3 x N")
+    labels = data["y"].reshape(-1) if "y" in data else None
+    return np.ascontiguousarray(np.moveaxis(X, 3, 0)), labels
+
+
+def read_data(dest, dir_flag=False):
+    """Training images as N x H x W x 3 uint8: from a .mat file, or with dir_flag from a folder."""
+    if not dir_flag:
+        return read_mat(dest)[0]
+    folder = Path(str(dest))
+    if not folder.is_dir():
+        raise CaptchaError(f"no such folder: {folder}")
+    files = sorted(f for f in folder.iterdir() if is_image_file(f.name))
+    if not files:
+        raise CaptchaError(f"no images in {folder}")
+    return np.stack([load_img(f) for f in tqdm(files, desc="reading images", disable=None)])
+
+
+def scale_images(images):
+    """uint8 [0, 255] -> float32 [-1, 1], the range of the generator's tanh."""
+    return ops.cast(images, "float32") / 127.5 - 1.0
+
+
+def to_uint8(images):
+    return np.uint8(np.clip((np.asarray(images) + 1.0) * 127.5, 0, 255).round())
+
+
+def download_svhn(outdir, test=False, base_url=SVHN_URL):
+    """Fetch train_32x32.mat (and with test=True test_32x32.mat), checked and written whole."""
+    outdir = ensure_dir(outdir)
+    names = [SVHN_FILES["train"]] + ([SVHN_FILES["test"]] if test else [])
+    for name in names:
+        _download(base_url.rstrip("/") + "/" + name, outdir / name)
+
+
+def _download(url, path):
+    try:
+        response = urllib.request.urlopen(url, timeout=60)
+    except OSError as error:
+        raise CaptchaError(f"cannot download {url}: {error}") from None
+    expected = int(response.headers.get("Content-Length") or 0)
+    with response, atomic_path(path) as temporary:
+        with open(temporary, "wb") as out, tqdm(total=expected or None, unit="B", unit_scale=True,
+                                                 desc=path.name, disable=None) as progress:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                progress.update(len(chunk))
+        received = temporary.stat().st_size
+        if expected and received != expected:
+            raise CaptchaError(f"{url}: received {received} of {expected} bytes")
+        read_mat(temporary)
+    print(f"{path}: {received} bytes, checked")
+
+
+# ## An offline stand-in for SVHN
+#
+# SVHN can't be fetched on a machine without a network. This draws house-number
+# crops in the same layout: the centre digit is the label (1-10, 10 for zero),
+# with its neighbours cut off at the edges, random colours, a little rotation
+# and blur. It is synthetic and named so everywhere.
+
+
+def _digit_fonts():
+    """Fonts that installed packages ship: matplotlib's DejaVu family and DancingScript."""
+    import matplotlib
+
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    fonts = sorted(str(f) for f in folder.glob("DejaVu*.ttf") if "Display" not in f.name)  # no digits
+    try:
+        fonts.append(find_font())
+    except CaptchaError:
+        pass
+    return fonts
+
+
+def _house_number(rng, fonts, label):
+    size = 64
+    background = rng.integers(0, 256, 3)
+    ink = np.where(background > 127, rng.integers(0, 90, 3), rng.integers(165, 256, 3))
+    image = Image.new("RGB", (size * 2, size), tuple(int(c) for c in background))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.truetype(fonts[rng.integers(len(fonts))], int(rng.integers(34, 50)))
+    digits = [int(rng.integers(10)), label % 10, int(rng.integers(10))]
+    gap = int(rng.integers(-2, 6))
+    widths = [draw.textlength(str(d), font=font) for d in digits]
+    x = size - widths[0] - widths[1] / 2 - gap
+    for digit, width in zip(digits, widths):
+        draw.text((x, size / 2), str(digit), font=font, fill=tuple(int(c) for c in ink), anchor="lm")
+        x += width + gap
+    image = image.crop((size // 2, 0, size * 3 // 2, size))
+    image = image.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR,
+                         fillcolor=tuple(int(c) for c in background))
+    image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.2))))
+    return np.asarray(image.resize(IMAGE_SHAPE[:2], Image.BILINEAR))
+
+
+def make_synthetic_svhn(outfile=f"data/synthetic_svhn/{SYNTHETIC_FILE}", num_images=10000, seed=0):
+    """Write a SYNTHETIC house-number set in SVHN's .mat layout: X 32x32x3xN uint8, y Nx1 in 1-10."""
+    rng = np.random.default_rng(seed)
+    fonts = _digit_fonts()
+    labels = rng.integers(1, 11, num_images).astype(np.uint8)
+    images = np.stack([_house_number(rng, fonts, int(label))
+                       for label in tqdm(labels, desc="synthetic house numbers", disable=None)])
+    outfile = Path(str(outfile))
+    ensure_dir(outfile.parent)
+    with atomic_path(outfile) as temporary:
+        savemat(temporary, {"X": np.moveaxis(images, 0, 3), "y": labels[:, None],
+                            "note": "SYNTHETIC house numbers drawn from fonts; this is not SVHN"})
+    print(f"{outfile}: {num_images} SYNTHETIC house numbers (not SVHN), {len(fonts)} fonts, seed {seed}")
+
+
+# ## Model
+#
+# The book's networks, layer for layer.
+
+
+def generator(input_dim, alpha=0.2):
+    return keras.Sequential([
+        keras.Input((input_dim,)),
+        layers.Dense(4 * 4 * 512),
+        layers.Reshape(target_shape=(4, 4, 512)),
+        layers.BatchNormalization(),
+        layers.LeakyReLU(alpha),
+        layers.Conv2DTranspose(256, kernel_size=5, strides=2, padding="same"),
+        layers.BatchNormalization(),
+        layers.LeakyReLU(alpha),
+        layers.Conv2DTranspose(128, kernel_size=5, strides=2, padding="same"),
+        layers.BatchNormalization(),
+        layers.LeakyReLU(alpha),
+        layers.Conv2DTranspose(3, kernel_size=5, strides=2, padding="same"),
+        layers.Activation("tanh"),
+    ], name="generator")
+
+
+def discriminator(img_dim, alpha=0.2):
+    return keras.Sequential([
+        keras.Input(tuple(img_dim)),
+        layers.Conv2D(64, kernel_size=5, strides=2, padding="same"),
+        layers.LeakyReLU(alpha),
+        layers.Conv2D(128, kernel_size=5, strides=2, padding="same"),
+        layers.BatchNormalization(),
+        layers.LeakyReLU(alpha),
+        layers.Conv2D(256, kernel_size=5, strides=2, padding="same"),
+        layers.BatchNormalization(),
+        layers.LeakyReLU(alpha),
+        layers.Flatten(),
+        layers.Dense(1),
+        layers.Activation("sigmoid"),
+    ], name="discriminator")
+
+
+# ## Training
+#
+# One compiled step per batch, in the order of PyTorch's DCGAN example: the
+# generator draws one batch of fakes; D learns from the real batch (target
+# 1 - smooth_coef) and from the fakes (target 0) as separate batches; then G
+# learns, through the updated D, from the same fakes. The book drew a second
+# batch of fakes for G's step. D's step updates only D, and G's step reads D
+# through stateless_call, so it updates only G: not even D's BatchNorm
+# statistics move in G's step.
+
+
+class DCGAN(keras.Model):
+    def __init__(self, generator, discriminator, smooth_coef=0.1, seed=None):
+        super().__init__()
+        self.generator = generator
+        self.discriminator = discriminator
+        self.smooth_coef = smooth_coef
+        self.latent_dim = generator.input_shape[-1]
+        self.noise_seed = keras.random.SeedGenerator(seed)
+        self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
+        self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
+
+    def compile(self, d_optimizer, g_optimizer, **kwargs):
+        super().compile(**kwargs)
+        self.d_optimizer = d_optimizer
+        self.g_optimizer = g_optimizer
+        d_optimizer.build(self.discriminator.trainable_variables)
+        g_optimizer.build(self.generator.trainable_variables)
+
+    @property
+    def metrics(self):
+        return [self.d_loss_tracker, self.g_loss_tracker]
+
+    def call(self, noise, training=False):
+        return self.generator(noise, training=training)
+
+    def discriminator_step(self, real_images, fake_images):
+        """One update of D's weights from a real batch and a fake batch; G is not touched."""
+        with tf.GradientTape() as tape:
+            d_real = self.discriminator(real_images, training=True)
+            d_fake = self.discriminator(fake_images, training=True)
+            d_loss = (ops.mean(keras.losses.binary_crossentropy(
+                          ops.full_like(d_real, 1.0 - self.smooth_coef), d_real))
+                      + ops.mean(keras.losses.binary_crossentropy(ops.zeros_like(d_fake), d_fake)))
+        weights = self.discriminator.trainable_variables
+        self.d_optimizer.apply(tape.gradient(d_loss, weights), weights)
+        return d_loss
+
+    def generator_loss(self, fake_images):
+        """How far D is from calling the fakes real, with D's state read but never written."""
+        d_fake, _ = self.discriminator.stateless_call(
+            [v.value for v in self.discriminator.trainable_variables],
+            [v.value for v in self.discriminator.non_trainable_variables],
+            fake_images, training=True)
+        return ops.mean(keras.losses.binary_crossentropy(ops.ones_like(d_fake), d_fake))
+
+    def train_step(self, real_images):
+        real_images = scale_images(real_images)
+        noise = keras.random.normal((ops.shape(real_images)[0], self.latent_dim), seed=self.noise_seed)
+        with tf.GradientTape() as tape:
+            fake_images = self.generator(noise, training=True)
+            with tape.stop_recording():
+                d_loss = self.discriminator_step(real_images, ops.stop_gradient(fake_images))
+            g_loss = self.generator_loss(fake_images)
+        weights = self.generator.trainable_variables
+        self.g_optimizer.apply(tape.gradient(g_loss, weights), weights)
+        self.d_loss_tracker.update_state(d_loss)
+        self.g_loss_tracker.update_state(g_loss)
+        return {m.name: m.result() for m in self.metrics}
+
+
+def save_sample_grid(images, path, title=None):
+    """Images in [-1, 1] as one PNG grid: the book's figures 10.7 and 10.8."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = to_uint8(images)
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 0.8, rows * 0.8 + 0.4),
+                                squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image in zip(axes.flat, images):
+        axis.imshow(image)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout(pad=0.2)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary)
+    plt.close(figure)
+
+
+def plot_losses(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for column in ("d_loss", "g_loss"):
+        axis.plot(history["epoch"] + 1, history[column], marker="o", label=column)
+    axis.set(xlabel="epoch", ylabel="mean loss", title="DCGAN losses")
+    axis.legend()
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary)
+    plt.close(figure)
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """Every epoch: a sample grid, the loss CSV and plot, and whole checkpoints to resume from.
+
+    A NaN loss stops training before anything of that epoch is saved, so the files in
+    outdir stay those of the last good epoch.
+    """
+
+    def __init__(self, outdir, fixed_noise, sample_every=0):
+        super().__init__()
+        self.outdir = outdir
+        self.fixed_noise = fixed_noise
+        self.sample_every = sample_every
+        self.epoch = 0
+        self.failed = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not all(math.isfinite(float(logs[k])) for k in ("d_loss", "g_loss")):
+            self.failed = f"loss became NaN in epoch {self.epoch + 1}, batch {batch + 1}"
+            self.model.stop_training = True
+        elif self.sample_every and (batch + 1) % self.sample_every == 0:
+            self.save_samples(f"samples_epoch_{self.epoch + 1:03d}_step_{batch + 1:05d}.png")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.failed:
+            return
+        self.save_samples(f"samples_epoch_{epoch + 1:03d}.png")
+        history_file = self.outdir / "losses.csv"
+        history = pd.read_csv(history_file) if history_file.exists() else pd.DataFrame()
+        row = pd.DataFrame([{"epoch": epoch, "d_loss": logs["d_loss"], "g_loss": logs["g_loss"]}])
+        history = pd.concat([history[history.epoch < epoch] if len(history) else history, row])
+        with atomic_path(history_file) as temporary:
+            history.to_csv(temporary, index=False)
+        plot_losses(history, self.outdir / "losses.png")
+        save_checkpoint(self.model, self.outdir, epoch + 1)
+
+    def save_samples(self, name):
+        images = self.model.generator(self.fixed_noise, training=False)
+        save_sample_grid(images, self.outdir / name, title=name[:-4].replace("_", " "))
+
+
+def save_checkpoint(gan, outdir, epochs_done):
+    for network in (gan.generator, gan.discriminator):
+        with atomic_path(outdir / f"{network.name}.weights.h5") as temporary:
+            network.save_weights(temporary)
+    optimizer_state = {f"{name}_{i}": v.numpy() for name, optimizer in
+                       (("d", gan.d_optimizer), ("g", gan.g_optimizer))
+                       for i, v in enumerate(_resumable(optimizer))}
+    with atomic_path(outdir / "optimizers.npz") as temporary:
+        np.savez(temporary, **optimizer_state)
+    with atomic_path(outdir / "state.json") as temporary:
+        temporary.write_text(json.dumps({"epochs_done": epochs_done}))
+
+
+def _resumable(optimizer):
+    """The optimizer's step count and moments; its learning rate comes from the command line."""
+    return [v for v in optimizer.variables if not v.path.endswith("learning_rate")]
+
+
+def load_checkpoint(gan, outdir):
+    """Restore weights and optimizer state; returns the number of epochs already done."""
+    try:
+        epochs_done = json.loads((outdir / "state.json").read_text())["epochs_done"]
+        for network in (gan.generator, gan.discriminator):
+            network.load_weights(outdir / f"{network.name}.weights.h5")
+        state = np.load(outdir / "optimizers.npz")
+        for name, optimizer in (("d", gan.d_optimizer), ("g", gan.g_optimizer)):
+            for i, variable in enumerate(_resumable(optimizer)):
+                variable.assign(state[f"{name}_{i}"])
+    except (OSError, KeyError, ValueError) as error:
+        raise CaptchaError(f"cannot resume from {outdir}: {error}".splitlines()[0]) from None
+    return epochs_done
+
+
+def _checked_settings(batch_size, epochs, dis_input_dim):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CaptchaError(f"--batch_size must be a whole number of 1 or more, got {batch_size!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise CaptchaError(f"--epochs must be a whole number of 1 or more, got {epochs!r}")
+    if tuple(dis_input_dim) != IMAGE_SHAPE:
+        raise CaptchaError(f"--dis_input_dim must be {IMAGE_SHAPE}, the generator's output, "
+                           f"got {dis_input_dim!r}")
+
+
+def train(dest_train, outdir, dir_flag=False, batch_size=100, gen_input_dim=100, gen_beta1=0.5,
+          gen_lr=0.0001, dis_input_dim=IMAGE_SHAPE, dis_lr=0.001, dis_beta1=0.5, alpha=0.2,
+          epochs=100, smooth_coef=0.1, sample_every=0, resume=False, seed=None):
+    """Train the DCGAN; checkpoints, sample grids and loss curves go to outdir every epoch."""
+    _checked_settings(batch_size, epochs, dis_input_dim)
+    images = read_data(dest_train, dir_flag)
+    if images.shape[1:] != IMAGE_SHAPE:
+        raise CaptchaError(f"{dest_train}: images are {images.shape[1:]}, the networks need {IMAGE_SHAPE}")
+    outdir = ensure_dir(outdir)
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    gan = DCGAN(generator(gen_input_dim, alpha), discriminator(dis_input_dim, alpha), smooth_coef, seed)
+    gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=dis_lr, beta_1=dis_beta1),
+                g_optimizer=keras.optimizers.Adam(learning_rate=gen_lr, beta_1=gen_beta1),
+                jit_compile=bool(tf.config.list_physical_devices("GPU")))  # XLA is far slower on CPU
+    epochs_done = load_checkpoint(gan, outdir) if resume else 0
+    fixed_noise = _fixed_noise(outdir, gen_input_dim, seed)
+    checkpoint = Checkpoint(outdir, fixed_noise, sample_every)
+    print(f"{len(images)} training images, {math.ceil(len(images) / batch_size)} steps per epoch, "
+          f"epochs {epochs_done + 1}-{epochs}")
+    gan.fit(images, batch_size=batch_size, epochs=epochs, initial_epoch=epochs_done, shuffle=True,
+            callbacks=[checkpoint], verbose="auto")
+    if checkpoint.failed:
+        raise CaptchaError(f"{checkpoint.failed}; stopped, and kept the checkpoint of the last good "
+                           f"epoch in {outdir}")
+    print(f"Generator and discriminator written to {outdir}")
+
+
+def _fixed_noise(outdir, gen_input_dim, seed):
+    """The noise behind every epoch's sample grid, kept in outdir so a resumed run shows the same faces."""
+    path = outdir / "fixed_noise.npy"
+    if path.exists():
+        noise = np.load(path)
+        if noise.shape == (64, gen_input_dim):
+            return noise
+    noise = np.random.default_rng(seed).normal(size=(64, gen_input_dim)).astype("float32")
+    with atomic_path(path) as temporary:
+        np.save(temporary, noise)
+    return noise
+
+
+# ## Using the generator
+
+
+def generate_captcha(gen_input_dim=100, alpha=0.2, num_images=200, model_dir="runs/gan",
+                     outdir="runs/gan/captcha_for_use", seed=None):
+    """Sample num_images CAPTCHAs from a trained generator: captcha_<i>.png and one contact sheet."""
+    g = generator(gen_input_dim, alpha)
+    weights = Path(str(model_dir)) / "generator.weights.h5"
+    if not weights.is_file():
+        raise CaptchaError(f"no generator checkpoint at {weights}: train first")
+    try:
+        g.load_weights(weights)
+    except Exception as error:  # Keras raises several kinds for a mismatched file
+        raise CaptchaError(f"{weights} does not fit a generator with gen_input_dim={gen_input_dim}: "
+                           f"{error}".splitlines()[0]) from None
+    noise = np.random.default_rng(seed).normal(size=(num_images, gen_input_dim)).astype("float32")
+    images = g.predict(noise, batch_size=256, verbose=0)
+    outdir = ensure_dir(outdir)
+    for i, image in enumerate(to_uint8(images)):
+        with atomic_path(outdir / f"captcha_{i}.png") as temporary:
+            Image.fromarray(image).save(temporary, format="PNG")
+    save_sample_grid(images, outdir / "contact_sheet.png", title=f"{num_images} generated CAPTCHAs")
+    print(f"{num_images} CAPTCHAs written to {outdir}")
+
+
+if __name__ == "__main__":
+    run_cli({"train": train, "generate-captcha": generate_captcha, "generate_captcha": generate_captcha,
+             "make-synthetic-svhn": make_synthetic_svhn, "download-svhn": download_svhn}, "captcha_gan")

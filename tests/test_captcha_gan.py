@@ -1,0 +1,343 @@
+import http.server
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy.io import loadmat, savemat
+
+import captcha_gan
+from captcha_common import CaptchaError
+from captcha_gan import (
+    DCGAN,
+    discriminator,
+    download_svhn,
+    generate_captcha,
+    generator,
+    make_synthetic_svhn,
+    read_data,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_svhn_mat(path, n=40, seed=0, shape=(32, 32, 3)):
+    """A small file in SVHN's exact layout: X is H x W x C x N uint8, y is N x 1 in 1-10."""
+    rng = np.random.default_rng(seed)
+    savemat(path, {"X": rng.integers(0, 256, (*shape, n), dtype=np.uint8),
+                   "y": rng.integers(1, 11, (n, 1)).astype(np.uint8)})
+    return path
+
+
+def weights_of(model):
+    return [np.array(v.numpy()) for v in model.variables]
+
+
+def same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+# ## Data
+
+
+def test_mat_file_reads_as_n_images_of_uint8(tmp_path):
+    images = read_data(write_svhn_mat(tmp_path / "train_32x32.mat", n=7))
+    raw = loadmat(tmp_path / "train_32x32.mat")["X"]
+    assert images.shape == (7, 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images[3], raw[:, :, :, 3])
+
+
+def test_dir_flag_reads_rgb_resized_images(tmp_path):
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(tmp_path / "red.png")
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(tmp_path / "blue.bmp")
+    (tmp_path / ".DS_Store").write_text("")
+    images = read_data(tmp_path, dir_flag=True)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    assert images[1, 5, 5].tolist() == [255, 0, 0]  # sorted: blue.bmp, red.png
+    assert images[0, 5, 5].tolist() == [0, 0, 255]
+
+
+def test_scaling_maps_uint8_onto_tanh_range():
+    scaled = np.asarray(captcha_gan.scale_images(np.array([0, 255], np.uint8)))
+    assert scaled.tolist() == [-1.0, 1.0]
+    assert captcha_gan.to_uint8(scaled).tolist() == [0, 255]
+
+
+def test_offline_set_has_svhns_layout_and_labels(tmp_path):
+    path = tmp_path / "synthetic_svhn_train_32x32.mat"
+    make_synthetic_svhn(path, num_images=60, seed=3)
+    data = loadmat(path)
+    assert data["X"].shape == (32, 32, 3, 60) and data["X"].dtype == np.uint8
+    assert data["y"].shape == (60, 1) and set(np.unique(data["y"])) <= set(range(1, 11))
+    assert "SYNTHETIC" in str(data["note"])
+    assert data["X"].std() > 20  # drawn digits on varied backgrounds, not a blank
+
+
+def test_offline_set_is_reproducible(tmp_path):
+    make_synthetic_svhn(tmp_path / "a.mat", num_images=10, seed=3)
+    make_synthetic_svhn(tmp_path / "b.mat", num_images=10, seed=3)
+    assert np.array_equal(loadmat(tmp_path / "a.mat")["X"], loadmat(tmp_path / "b.mat")["X"])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "no such file"),
+    (lambda p: savemat(p, {"y": np.ones((3, 1))}), "no variable X"),
+    (lambda p: p.write_bytes(b"not a mat file at all" * 10), "not a readable .mat"),
+    (lambda p: savemat(p, {"X": np.zeros((32, 32, 3, 2))}), "uint8"),
+])
+def test_bad_mat_files_are_refused(tmp_path, make, message):
+    path = tmp_path / "train_32x32.mat"
+    make(path)
+    with pytest.raises(CaptchaError, match=message):
+        read_data(path)
+
+
+def test_images_of_the_wrong_shape_are_refused(tmp_path):
+    path = write_svhn_mat(tmp_path / "small.mat", shape=(16, 16, 3))
+    with pytest.raises(CaptchaError, match=r"\(16, 16, 3\)"):
+        train(path, tmp_path / "out", epochs=1, batch_size=8)
+
+
+def test_batch_size_zero_is_refused(tmp_path):
+    with pytest.raises(CaptchaError, match="batch_size"):
+        train(write_svhn_mat(tmp_path / "t.mat"), tmp_path / "out", batch_size=0)
+
+
+# ## Download
+
+
+class MatHandler(http.server.BaseHTTPRequestHandler):
+    body = b""
+    claimed_length = None
+
+    def do_GET(self):
+        if not self.path.endswith("train_32x32.mat"):
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(self.claimed_length or len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    MatHandler.body = write_svhn_mat(tmp_path / "served.mat", n=5).read_bytes()
+    MatHandler.claimed_length = None
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), MatHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/housenumbers/"
+    httpd.shutdown()
+
+
+def test_download_writes_a_checked_file(server, tmp_path):
+    download_svhn(tmp_path / "svhn", base_url=server)
+    assert read_data(tmp_path / "svhn" / "train_32x32.mat").shape == (5, 32, 32, 3)
+
+
+def test_a_truncated_download_leaves_nothing(server, tmp_path):
+    MatHandler.claimed_length = len(MatHandler.body) + 1000
+    with pytest.raises(CaptchaError):
+        download_svhn(tmp_path / "svhn", base_url=server)
+    assert list((tmp_path / "svhn").iterdir()) == []
+
+
+def test_a_missing_remote_file_is_a_clear_error(server, tmp_path):
+    with pytest.raises(CaptchaError, match="cannot download .*test_32x32.mat"):
+        download_svhn(tmp_path / "svhn", test=True, base_url=server)
+    assert [p.name for p in (tmp_path / "svhn").iterdir()] == ["train_32x32.mat"]
+
+
+# ## Networks
+
+
+def test_networks_are_the_books():
+    g = generator(100, 0.2)
+    assert [type(layer).__name__ for layer in g.layers] == [
+        "Dense", "Reshape", "BatchNormalization", "LeakyReLU",
+        "Conv2DTranspose", "BatchNormalization", "LeakyReLU",
+        "Conv2DTranspose", "BatchNormalization", "LeakyReLU", "Conv2DTranspose", "Activation"]
+    assert g.output_shape == (None, 32, 32, 3) and g.layers[0].units == 8192
+    d = discriminator((32, 32, 3), 0.2)
+    assert [type(layer).__name__ for layer in d.layers] == [
+        "Conv2D", "LeakyReLU", "Conv2D", "BatchNormalization", "LeakyReLU",
+        "Conv2D", "BatchNormalization", "LeakyReLU", "Flatten", "Dense", "Activation"]
+    assert [layer.filters for layer in d.layers if hasattr(layer, "filters")] == [64, 128, 256]
+    assert all(layer.kernel_size == (5, 5) and layer.strides == (2, 2)
+               for layer in g.layers + d.layers if hasattr(layer, "kernel_size"))
+    assert d.output_shape == (None, 1)
+
+
+# ## Each network's step changes only that network
+
+
+@pytest.fixture
+def gan():
+    keras.utils.set_random_seed(0)
+    model = DCGAN(generator(8, 0.2), discriminator((32, 32, 3), 0.2), smooth_coef=0.1, seed=0)
+    model.compile(d_optimizer=keras.optimizers.Adam(1e-3, beta_1=0.5),
+                  g_optimizer=keras.optimizers.Adam(1e-3, beta_1=0.5), run_eagerly=True)
+    return model
+
+
+def test_discriminators_step_leaves_the_generator_alone(gan):
+    real = np.random.default_rng(0).uniform(-1, 1, (6, 32, 32, 3)).astype("float32")
+    fake = gan.generator(np.random.default_rng(1).normal(size=(6, 8)).astype("float32"))
+    g_before, d_before = weights_of(gan.generator), weights_of(gan.discriminator)
+    gan.discriminator_step(real, fake)
+    assert same(weights_of(gan.generator), g_before)
+    assert not same(weights_of(gan.discriminator), d_before)
+
+
+def test_generators_step_leaves_the_discriminator_alone(gan, monkeypatch):
+    """After D's step nothing of D moves again, BatchNorm statistics included; G does move."""
+    after_d_step = {}
+    d_step = gan.discriminator_step
+
+    def spy(real, fake):
+        loss = d_step(real, fake)
+        after_d_step["d"] = weights_of(gan.discriminator)
+        after_d_step["g"] = trainable_weights_of(gan.generator)
+        return loss
+
+    monkeypatch.setattr(gan, "discriminator_step", spy)
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    gan.train_step(images)
+    assert same(weights_of(gan.discriminator), after_d_step["d"])
+    assert not same(trainable_weights_of(gan.generator), after_d_step["g"])
+
+
+def trainable_weights_of(model):
+    return [np.array(v.numpy()) for v in model.trainable_variables]
+
+
+def test_batchnorm_trains_in_training_mode(gan):
+    moving_mean = next(v for v in gan.discriminator.non_trainable_variables if "moving_mean" in v.path)
+    before = np.array(moving_mean.numpy())
+    gan.train_step(np.full((6, 32, 32, 3), 200, np.uint8))
+    assert not np.array_equal(before, moving_mean.numpy())
+
+
+# ## Training, resuming, sampling
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gan")
+    mat = write_svhn_mat(root / "train_32x32.mat", n=24)
+    train(mat, root / "run", batch_size=8, gen_input_dim=16, epochs=1, sample_every=2, seed=0)
+    return mat, root / "run"
+
+
+def test_a_tiny_run_writes_checkpoints_grids_and_curves(trained):
+    _, run = trained
+    names = {p.name for p in run.iterdir()}
+    assert {"generator.weights.h5", "discriminator.weights.h5", "optimizers.npz", "state.json",
+            "losses.csv", "losses.png", "samples_epoch_001.png", "fixed_noise.npy"} <= names
+    assert "samples_epoch_001_step_00002.png" in names
+    losses = pd.read_csv(run / "losses.csv")
+    assert list(losses.columns) == ["epoch", "d_loss", "g_loss"] and len(losses) == 1
+    assert np.isfinite(losses[["d_loss", "g_loss"]].values).all()
+    assert not any(name.startswith(".") for name in names)
+
+
+def test_resume_continues_from_the_checkpoint(trained, tmp_path):
+    mat, run = trained
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for path in run.iterdir():
+        (resumed / path.name).write_bytes(path.read_bytes())
+    g_before = loadable_generator_weights(resumed / "generator.weights.h5")
+    train(mat, resumed, batch_size=8, gen_input_dim=16, epochs=2, resume=True, seed=0)
+    assert json.loads((resumed / "state.json").read_text()) == {"epochs_done": 2}
+    assert list(pd.read_csv(resumed / "losses.csv").epoch) == [0, 1]
+    assert (resumed / "samples_epoch_002.png").exists()
+    assert not same(loadable_generator_weights(resumed / "generator.weights.h5"), g_before)
+    optimizer_steps = [v for k, v in np.load(resumed / "optimizers.npz").items() if v.shape == ()]
+    assert 6 in [int(v) for v in optimizer_steps]  # 3 steps per epoch, twice
+
+
+def loadable_generator_weights(path):
+    g = generator(16)
+    g.load_weights(path)
+    return weights_of(g)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(trained, tmp_path):
+    mat, _ = trained
+    with pytest.raises(CaptchaError, match="cannot resume"):
+        train(mat, tmp_path / "empty", batch_size=8, gen_input_dim=16, epochs=2, resume=True)
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypatch):
+    mat, run = trained
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for path in run.iterdir():
+        (kept / path.name).write_bytes(path.read_bytes())
+    before = {p.name: p.read_bytes() for p in kept.iterdir()}
+    poisoned = captcha_gan.scale_images
+    monkeypatch.setattr(captcha_gan, "scale_images", lambda images: poisoned(images) * float("nan"))
+    with pytest.raises(CaptchaError, match="NaN in epoch 2, batch 1"):
+        train(mat, kept, batch_size=8, gen_input_dim=16, epochs=3, resume=True)
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
+
+
+def test_resume_takes_the_learning_rates_given_now(trained, tmp_path, monkeypatch):
+    mat, run = trained
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for path in run.iterdir():
+        (resumed / path.name).write_bytes(path.read_bytes())
+    compiled = []
+    monkeypatch.setattr(DCGAN, "fit", lambda self, *a, **k: compiled.append(self) or None)
+    train(mat, resumed, batch_size=8, gen_input_dim=16, epochs=2, resume=True, dis_lr=5e-5, gen_lr=7e-5)
+    assert float(compiled[0].d_optimizer.learning_rate) == pytest.approx(5e-5)
+    assert float(compiled[0].g_optimizer.learning_rate) == pytest.approx(7e-5)
+
+
+def test_generate_captcha_writes_n_rgb_pngs_and_a_sheet(trained, tmp_path):
+    _, run = trained
+    generate_captcha(gen_input_dim=16, num_images=5, model_dir=run, outdir=tmp_path / "a", seed=1)
+    for i in range(5):
+        with Image.open(tmp_path / "a" / f"captcha_{i}.png") as image:
+            assert image.size == (32, 32) and image.mode == "RGB"
+    assert (tmp_path / "a" / "contact_sheet.png").exists()
+    generate_captcha(gen_input_dim=16, num_images=5, model_dir=run, outdir=tmp_path / "b", seed=1)
+    assert (tmp_path / "a" / "captcha_3.png").read_bytes() == (tmp_path / "b" / "captcha_3.png").read_bytes()
+
+
+def test_generate_captcha_needs_a_matching_checkpoint(trained, tmp_path):
+    _, run = trained
+    with pytest.raises(CaptchaError, match="no generator checkpoint"):
+        generate_captcha(model_dir=tmp_path, outdir=tmp_path / "out")
+    with pytest.raises(CaptchaError, match="does not fit"):
+        generate_captcha(gen_input_dim=100, model_dir=run, outdir=tmp_path / "out")
+
+
+def test_the_books_command_lines(tmp_path):
+    mat = write_svhn_mat(tmp_path / "train_32x32.mat", n=10)
+    common = dict(capture_output=True, text=True, cwd=REPO, timeout=600)
+    script = str(REPO / "captcha_gan.py")
+    result = subprocess.run([
+        sys.executable, script, "train", "--dest_train", str(mat), "--outdir", f"{tmp_path}/SVHN/",
+        "--dir_flag", "False", "--batch_size", "100", "--gen_input_dim", "100", "--gen_beta1", "0.5",
+        "--gen_lr", "0.0001", "--dis_input_dim", "(32,32,3)", "--dis_lr", "0.001", "--dis_beta1", "0.5",
+        "--alpha", "0.2", "--epochs", "1", "--smooth_coef", "0.1"], **common)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run([
+        sys.executable, script, "generate-captcha", "--gen_input_dim", "100", "--num_images", "3",
+        "--model_dir", f"{tmp_path}/SVHN/", "--outdir", f"{tmp_path}/captcha_for_use/", "--alpha", "0.2"],
+        **common)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "captcha_for_use").glob("captcha_*.png"))) == 3
