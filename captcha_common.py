@@ -119,6 +119,11 @@ def atomic_path(final_path):
         temporary.unlink(missing_ok=True)
 
 
+def progress_verbosity():
+    """Keras fit's verbose: a live progress bar in a terminal, one line per epoch in a log file."""
+    return 1 if sys.stdout.isatty() else 2
+
+
 def run_cli(component, timer_name):
     """Run a fire CLI under the book's ElapsedTimer; a CaptchaError becomes one line on stderr and exit 2."""
     try:

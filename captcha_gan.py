@@ -35,6 +35,7 @@ from captcha_common import (  # noqa: E402
     ensure_dir,
     find_font,
     is_image_file,
+    progress_verbosity,
     run_cli,
 )
 
@@ -438,7 +439,7 @@ def train(dest_train, outdir, dir_flag=False, batch_size=100, gen_input_dim=100,
     print(f"{len(images)} training images, {math.ceil(len(images) / batch_size)} steps per epoch, "
           f"epochs {epochs_done + 1}-{epochs}")
     gan.fit(images, batch_size=batch_size, epochs=epochs, initial_epoch=epochs_done, shuffle=True,
-            callbacks=[checkpoint], verbose="auto")
+            callbacks=[checkpoint], verbose=progress_verbosity())
     if checkpoint.failed:
         raise CaptchaError(f"{checkpoint.failed}; stopped, and kept the checkpoint of the last good "
                            f"epoch in {outdir}")
@@ -484,5 +485,5 @@ def generate_captcha(gen_input_dim=100, alpha=0.2, num_images=200, model_dir="ru
 
 
 if __name__ == "__main__":
-    run_cli({"train": train, "generate-captcha": generate_captcha, "generate_captcha": generate_captcha,
-             "make-synthetic-svhn": make_synthetic_svhn, "download-svhn": download_svhn}, "captcha_gan")
+    run_cli({"train": train, "generate_captcha": generate_captcha,  # fire also takes generate-captcha
+             "make_synthetic_svhn": make_synthetic_svhn, "download_svhn": download_svhn}, "captcha_gan")

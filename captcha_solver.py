@@ -30,6 +30,7 @@ from captcha_common import (
     checked_label,
     ensure_dir,
     is_image_file,
+    progress_verbosity,
     run_cli,
 )
 
@@ -194,7 +195,7 @@ def train(dest_train, dest_val, outdir, batch_size=16, n_classes=36, dim=BOOK_DI
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_accuracy", patience=patience, restore_best_weights=True))
     history = model.fit(train_generator, epochs=epochs, validation_data=val_generator,
-                        callbacks=callbacks, verbose=2)
+                        callbacks=callbacks, verbose=progress_verbosity())
     with atomic_path(outdir / MODEL_FILE) as temporary:
         model.save(temporary)
     plot_history(pd.DataFrame(history.history), outdir / "curves.png")
@@ -237,7 +238,7 @@ def load_breaker(model_path):
     return model
 
 
-def read_captchas(model, images, batch_size=4096):
+def read_captchas(model, images, batch_size=1024):
     """The 4-character text of each (N, 40, 100, 1) uint8 CAPTCHA, all slices in large batches."""
     slices = cut_slices(images).astype("float32") / 255.0
     probabilities = model.predict(slices, batch_size=batch_size, verbose=0)

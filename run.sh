@@ -10,10 +10,28 @@ DEMO=data/demo
 
 demo() {
   rm -rf "$DEMO"
+  echo "== 1. Generate CAPTCHAs"
   $PY CaptchaGenerator.py --outdir_train "$DEMO/train" --num_captchas_train 2000 \
     --outdir_val "$DEMO/val" --num_captchas_val 500 \
     --outdir_test "$DEMO/test" --num_captchas_test 500 --seed 2024
-  echo "demo: CAPTCHAs are in $DEMO/train, $DEMO/val and $DEMO/test"
+  echo "== 2. Train the book's solver briefly, so that the training path runs"
+  $PY captcha_solver.py train --dest_train "$DEMO/train" --dest_val "$DEMO/val" --outdir "$DEMO/solver" \
+    --batch_size 16 --lr 1e-3 --epochs 3 --seed 0
+  $PY captcha_solver.py evaluate --model_path "$DEMO/solver/captcha_breaker.keras" \
+    --eval_dest "$DEMO/test" --outdir "$DEMO/solver"
+  echo "== 3. Read the same CAPTCHAs with the shipped model"
+  $PY captcha_solver.py evaluate --model_path models/captcha_breaker.keras \
+    --eval_dest "$DEMO/test" --outdir "$DEMO/shipped"
+  $PY captcha_solver.py predict "$DEMO/test/$(ls "$DEMO/test" | head -1)"
+  echo "== 4. Train the DCGAN briefly on the offline SYNTHETIC house numbers (not SVHN), then sample CAPTCHAs"
+  $PY captcha_gan.py make-synthetic-svhn --outfile "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" \
+    --num_images 5000 --seed 0
+  $PY captcha_gan.py train --dest_train "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" \
+    --outdir "$DEMO/gan" --batch_size 100 --epochs 2 --seed 0
+  $PY captcha_gan.py generate-captcha --num_images 64 --model_dir "$DEMO/gan" \
+    --outdir "$DEMO/gan/captcha_for_use" --seed 0
+  echo "demo: everything is under $DEMO: CAPTCHAs in train/ val/ test/, solver/ and shipped/ hold"
+  echo "      evaluation.csv, failures.png and confusions.csv, gan/ the GAN's samples and curves"
 }
 
 case "${1:-}" in

@@ -1,0 +1,134 @@
+"""DCGAN training steps per second: the book's loop against our compiled step, same networks,
+same batch size, on an SVHN-sized file (73,257 images in SVHN's .mat layout, random pixels:
+speed doesn't depend on what the pictures show).
+
+    .venv/bin/python bench/bench_gan.py --steps 10 --batch_size 100
+
+The book's loop per batch: g.predict, d.train_on_batch on the real batch, d.train_on_batch on the
+fakes, g_d.train_on_batch on fresh noise; ported only as far as Keras 3 needs. It holds the whole
+set in float64, as the book does. Each variant runs in its own process so that its peak memory
+(max RSS) is its own.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SVHN_TRAIN_IMAGES = 73257
+
+
+def book_steps(mat, steps, batch_size, warmup):
+    """The book's train loop, timed over `steps` batches after `warmup` batches."""
+    from scipy.io import loadmat
+
+    from captcha_gan import discriminator, generator
+
+    X_train = np.rollaxis(loadmat(mat)["X"], 3)
+    X_train = (X_train / 255) * 2 - 1
+    g, d = generator(100, 0.2), discriminator((32, 32, 3), 0.2)
+    d.compile(loss="binary_crossentropy", optimizer=keras.optimizers.Adam(learning_rate=0.001, beta_1=0.5))
+    g_d = keras.Sequential([g, d])
+    d.trainable = False
+    g_d.compile(loss="binary_crossentropy", optimizer=keras.optimizers.Adam(learning_rate=0.0001, beta_1=0.5))
+    d.trainable = True
+
+    def make_trainable(model, trainable):
+        for layer in model.layers:
+            layer.trainable = trainable
+
+    def step(index):
+        noise = np.random.normal(loc=0, scale=1, size=(batch_size, 100))
+        image_batch = X_train[index * batch_size:(index + 1) * batch_size, :]
+        generated_images = g.predict(noise, verbose=0)
+        d.train_on_batch(image_batch, np.array([1 - 0.1] * batch_size))
+        d.train_on_batch(generated_images, np.array([0] * batch_size))
+        make_trainable(d, True)
+        noise = np.random.normal(loc=0, scale=1, size=(batch_size, 100))
+        make_trainable(d, False)
+        g_d.train_on_batch(noise, np.array([1] * batch_size))
+
+    for index in range(warmup):
+        step(index)
+    start = time.perf_counter()
+    for index in range(warmup, warmup + steps):
+        step(index)
+    return time.perf_counter() - start
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of the batches after the first `warmup` of one fit call."""
+
+    def __init__(self, warmup):
+        super().__init__()
+        self.warmup = warmup
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, logs=None):
+        self.seconds = time.perf_counter() - self.start
+
+
+def our_steps(mat, steps, batch_size, warmup):
+    """Our DCGAN.train_step through fit, timed over `steps` batches after `warmup` batches."""
+    import tensorflow as tf
+
+    from captcha_gan import DCGAN, discriminator, generator, read_data
+
+    images = read_data(mat)
+    gan = DCGAN(generator(100, 0.2), discriminator((32, 32, 3), 0.2), 0.1)
+    gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=0.001, beta_1=0.5),
+                g_optimizer=keras.optimizers.Adam(learning_rate=0.0001, beta_1=0.5),
+                jit_compile=bool(tf.config.list_physical_devices("GPU")))
+    timer = StepTimer(warmup)
+    gan.fit(images[:(warmup + steps) * batch_size], batch_size=batch_size, epochs=1, shuffle=True,
+            callbacks=[timer], verbose=0)
+    return timer.seconds
+
+
+def run_variant(variant, mat, steps, batch_size, warmup):
+    seconds = {"book": book_steps, "ours": our_steps}[variant](mat, steps, batch_size, warmup)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"variant": variant, "seconds": seconds, "peak_mib": peak_mib}))
+
+
+def main(steps=10, batch_size=100, warmup=2, variant=None, mat=None):
+    if variant:
+        return run_variant(variant, mat, steps, batch_size, warmup)
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as scratch:
+        mat = os.path.join(scratch, "train_32x32.mat")
+        savemat(mat, {"X": rng.integers(0, 256, (32, 32, 3, SVHN_TRAIN_IMAGES), dtype=np.uint8),
+                      "y": rng.integers(1, 11, (SVHN_TRAIN_IMAGES, 1)).astype(np.uint8)})
+        rows = {}
+        for name in ("book", "ours"):
+            result = subprocess.run([sys.executable, __file__, "--variant", name, "--mat", mat,
+                                     "--steps", str(steps), "--batch_size", str(batch_size),
+                                     "--warmup", str(warmup)], capture_output=True, text=True, check=True)
+            rows[name] = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"\nbench_gan on {os.cpu_count()} cores: {steps} steps at batch {batch_size}, "
+          f"{SVHN_TRAIN_IMAGES} images held in memory")
+    print(f"{'':36}{'steps/s':>10}{'s/step':>10}{'peak MiB':>10}")
+    for name, label in (("book", "book: predict + 3 x train_on_batch"), ("ours", "ours: one compiled step")):
+        row = rows[name]
+        print(f"{label:36}{steps / row['seconds']:10.3f}{row['seconds'] / steps:10.3f}{row['peak_mib']:10.0f}")
+    print(f"speed-up: {rows['book']['seconds'] / rows['ours']['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
