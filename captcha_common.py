@@ -59,6 +59,16 @@ def is_image_file(filename):
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def read_image(path, grayscale=False):
+    """An image file as uint8: grayscale (H, W), or RGB (H, W, 3); one clear error for a bad file."""
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR)
+    if image is None:
+        raise CaptchaError(f"cannot read image {path}: the file is corrupt or not an image")
+    return image if grayscale else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 def find_font(font=None):
     """The font to draw with: the given path, else $CAPTCHA_FONT, else DancingScript-Regular found on the system."""
     if font is not None:
@@ -117,6 +127,25 @@ def atomic_path(final_path):
         os.replace(temporary, final_path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def subplots(*args, **kwargs):
+    """matplotlib's subplots, drawn off-screen: servers have no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(figure, path):
+    """Write a figure whole, then free it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary)
+    plt.close(figure)
 
 
 def progress_verbosity():

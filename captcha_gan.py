@@ -36,7 +36,10 @@ from captcha_common import (  # noqa: E402
     find_font,
     is_image_file,
     progress_verbosity,
+    read_image,
     run_cli,
+    save_figure,
+    subplots,
 )
 
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
@@ -52,10 +55,7 @@ IMAGE_SHAPE = (32, 32, 3)
 
 def load_img(path, dim=(32, 32)):
     """One image as RGB uint8, resized to dim = (width, height)."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise CaptchaError(f"cannot read image {path}: the file is corrupt or not an image")
-    return cv2.cvtColor(cv2.resize(img, dim), cv2.COLOR_BGR2RGB)
+    return cv2.resize(read_image(path), dim)
 
 
 def read_mat(path):
@@ -295,14 +295,10 @@ class DCGAN(keras.Model):
 
 def save_sample_grid(images, path, title=None):
     """Images in [-1, 1] as one PNG grid: the book's figures 10.7 and 10.8."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     images = to_uint8(images)
     columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 0.8, rows * 0.8 + 0.4),
+    figure, axes = subplots(rows, columns, figsize=(columns * 0.8, rows * 0.8 + 0.4),
                                 squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
@@ -311,25 +307,17 @@ def save_sample_grid(images, path, title=None):
     if title:
         figure.suptitle(title)
     figure.tight_layout(pad=0.2)
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_losses(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = subplots(figsize=(7, 4))
     for column in ("d_loss", "g_loss"):
         axis.plot(history["epoch"] + 1, history[column], marker="o", label=column)
     axis.set(xlabel="epoch", ylabel="mean loss", title="DCGAN losses")
     axis.legend()
     figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 class Checkpoint(keras.callbacks.Callback):

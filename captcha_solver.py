@@ -31,7 +31,10 @@ from captcha_common import (
     ensure_dir,
     is_image_file,
     progress_verbosity,
+    read_image,
     run_cli,
+    save_figure,
+    subplots,
 )
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "captcha_breaker.keras"
@@ -46,10 +49,7 @@ BOOK_DIM = (40, 100, 1)
 
 def load_img(path, dim=(100, 40)):
     """One CAPTCHA as a (height, width, 1) uint8 grayscale array, resized to dim = (width, height)."""
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise CaptchaError(f"cannot read image {path}: the file is corrupt or not an image")
-    img = cv2.resize(img, dim)
+    img = cv2.resize(read_image(path, grayscale=True), dim)
     return img.reshape((dim[1], dim[0], 1))
 
 
@@ -203,11 +203,7 @@ def train(dest_train, dest_val, outdir, batch_size=16, n_classes=36, dim=BOOK_DI
 
 
 def plot_history(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history) + 1)
     for axis, metric in zip(axes, ("loss", "accuracy")):
         axis.plot(epochs, history[metric], label="train")
@@ -215,9 +211,7 @@ def plot_history(history, path):
         axis.set(xlabel="epoch", title=f"per-character {metric}")
         axis.legend()
     figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 # ## Evaluation and use
@@ -296,13 +290,9 @@ def plot_failures(results, images, path, shown=36):
     failed = np.flatnonzero(results["match"].to_numpy() == 0)[:shown]
     if len(failed) == 0:
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     columns = 4
     rows = int(np.ceil(len(failed) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 1.5 * rows), squeeze=False)
+    figure, axes = subplots(rows, columns, figsize=(3 * columns, 1.5 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, index in zip(axes.flat, failed):
@@ -310,9 +300,7 @@ def plot_failures(results, images, path, shown=36):
         axis.set_title(f"target {results.targets[index]}  read {results.predictions[index]}",
                        fontsize=9)
     figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def predict(path, model_path=DEFAULT_MODEL):

@@ -1,5 +1,6 @@
 import http.server
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -253,10 +254,7 @@ def test_a_tiny_run_writes_checkpoints_grids_and_curves(trained):
 
 def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     mat, run = trained
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    for path in run.iterdir():
-        (resumed / path.name).write_bytes(path.read_bytes())
+    resumed = copy_run(run, tmp_path / "resumed")
     g_before = loadable_generator_weights(resumed / "generator.weights.h5")
     train(mat, resumed, batch_size=8, gen_input_dim=16, epochs=2, resume=True, seed=0)
     assert json.loads((resumed / "state.json").read_text()) == {"epochs_done": 2}
@@ -265,6 +263,11 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     assert not same(loadable_generator_weights(resumed / "generator.weights.h5"), g_before)
     optimizer_steps = [v for k, v in np.load(resumed / "optimizers.npz").items() if v.shape == ()]
     assert 6 in [int(v) for v in optimizer_steps]  # 3 steps per epoch, twice
+
+
+def copy_run(run, destination):
+    shutil.copytree(run, destination)
+    return destination
 
 
 def loadable_generator_weights(path):
@@ -281,10 +284,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(trained, tmp_path):
 
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypatch):
     mat, run = trained
-    kept = tmp_path / "kept"
-    kept.mkdir()
-    for path in run.iterdir():
-        (kept / path.name).write_bytes(path.read_bytes())
+    kept = copy_run(run, tmp_path / "kept")
     before = {p.name: p.read_bytes() for p in kept.iterdir()}
     poisoned = captcha_gan.scale_images
     monkeypatch.setattr(captcha_gan, "scale_images", lambda images: poisoned(images) * float("nan"))
@@ -295,10 +295,7 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path, 
 
 def test_resume_takes_the_learning_rates_given_now(trained, tmp_path, monkeypatch):
     mat, run = trained
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    for path in run.iterdir():
-        (resumed / path.name).write_bytes(path.read_bytes())
+    resumed = copy_run(run, tmp_path / "resumed")
     compiled = []
     monkeypatch.setattr(DCGAN, "fit", lambda self, *a, **k: compiled.append(self) or None)
     train(mat, resumed, batch_size=8, gen_input_dim=16, epochs=2, resume=True, dis_lr=5e-5, gen_lr=7e-5)
