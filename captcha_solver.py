@@ -161,26 +161,29 @@ class EpochSeconds(keras.callbacks.Callback):
         logs["seconds"] = time.perf_counter() - self.start
 
 
-def _checked_dim(dim, n_classes):
+SCHEDULES = ("constant", "cosine")
+
+
+def _checked_settings(n_classes, dim, schedule):
     if n_classes != len(CHARSET):
         raise CaptchaError(f"--n_classes must be {len(CHARSET)} (A-Z and 0-9), got {n_classes!r}")
-    if tuple(dim) != BOOK_DIM:
+    if not isinstance(dim, (tuple, list)) or tuple(dim) != BOOK_DIM:
         raise CaptchaError(f"--dim must be {BOOK_DIM} for the book's model, got {dim!r}")
+    if schedule not in SCHEDULES:
+        raise CaptchaError(f"unknown --schedule {schedule!r}: choose {' or '.join(SCHEDULES)}")
     return tuple(dim)
 
 
 def _learning_rate(lr, schedule, epochs, steps_per_epoch):
-    if schedule == "constant":
-        return lr
     if schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(lr, decay_steps=epochs * steps_per_epoch)
-    raise CaptchaError(f"unknown --schedule {schedule!r}: choose constant or cosine")
+    return lr
 
 
 def train(dest_train, dest_val, outdir, batch_size=16, n_classes=36, dim=BOOK_DIM,
           shuffle=True, epochs=20, lr=1e-3, schedule="constant", patience=None, seed=None):
     """Train the book's model; writes captcha_breaker.keras, history.csv and curves.png to outdir."""
-    dim = _checked_dim(dim, n_classes)
+    dim = _checked_settings(n_classes, dim, schedule)
     outdir = ensure_dir(outdir)
     if seed is not None:
         keras.utils.set_random_seed(seed)
