@@ -5,8 +5,10 @@ speed doesn't depend on what the pictures show).
     .venv/bin/python bench/bench_gan.py --steps 10 --batch_size 100
 
 The book's loop per batch: g.predict, d.train_on_batch on the real batch, d.train_on_batch on the
-fakes, g_d.train_on_batch on fresh noise; ported only as far as Keras 3 needs. It holds the whole
-set in float64, as the book does. Each variant runs in its own process so that its peak memory
+fakes, g_d.train_on_batch on fresh noise; ported only as far as Keras 3 needs. Keras 3 reads
+`trainable` at every call, so the book's toggling, as printed, freezes D for good (see
+tests/test_captcha_gan.py); this port flips it where the book meant, so that D trains in its two
+calls and not in g_d's. It holds the whole set in float64, as the book does. Each variant runs in its own process so that its peak memory
 (max RSS) is its own.
 """
 import json
@@ -45,6 +47,7 @@ def book_steps(mat, steps, batch_size, warmup):
     d.trainable = True
 
     def make_trainable(model, trainable):
+        model.trainable = trainable  # Keras 3 reads this flag at every call, so it must be set here
         for layer in model.layers:
             layer.trainable = trainable
 
@@ -52,9 +55,9 @@ def book_steps(mat, steps, batch_size, warmup):
         noise = np.random.normal(loc=0, scale=1, size=(batch_size, 100))
         image_batch = X_train[index * batch_size:(index + 1) * batch_size, :]
         generated_images = g.predict(noise, verbose=0)
+        make_trainable(d, True)
         d.train_on_batch(image_batch, np.array([1 - 0.1] * batch_size))
         d.train_on_batch(generated_images, np.array([0] * batch_size))
-        make_trainable(d, True)
         noise = np.random.normal(loc=0, scale=1, size=(batch_size, 100))
         make_trainable(d, False)
         g_d.train_on_batch(noise, np.array([1] * batch_size))

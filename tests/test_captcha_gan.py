@@ -338,3 +338,22 @@ def test_the_books_command_lines(tmp_path):
         **common)
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "captcha_for_use").glob("captcha_*.png"))) == 3
+
+
+def test_the_books_make_trainable_toggling_freezes_d_on_keras_3():
+    """Why our step manages the weights itself: the book's toggling, as printed, never trains D."""
+    g, d = generator(8), discriminator((32, 32, 3))
+    d.compile(loss="binary_crossentropy", optimizer=keras.optimizers.Adam(1e-3, beta_1=0.5))
+    g_d = keras.Sequential([g, d])
+    d.trainable = False  # the book's generator_discriminator freezes D for g_d
+    g_d.compile(loss="binary_crossentropy", optimizer=keras.optimizers.Adam(1e-4, beta_1=0.5))
+    rng = np.random.default_rng(0)
+    before = weights_of(d)
+    d.train_on_batch(rng.uniform(-1, 1, (4, 32, 32, 3)), np.full(4, 0.9))
+    for layer in d.layers:  # make_trainable(d, True), then make_trainable(d, False), as printed
+        layer.trainable = True
+    for layer in d.layers:
+        layer.trainable = False
+    g_d.train_on_batch(rng.normal(size=(4, 8)), np.ones(4))
+    d.train_on_batch(rng.uniform(-1, 1, (4, 32, 32, 3)), np.full(4, 0.9))
+    assert same(weights_of(d), before)
