@@ -48,10 +48,8 @@ def random_texts(rng, n, mix="book"):
         letters = rng.integers(0, len(LETTERS), size=shape)
         digits = len(LETTERS) + rng.integers(0, len(DIGITS), size=shape)
         codes = np.where(is_letter, letters, digits)
-    elif mix == "uniform":
-        codes = rng.integers(0, len(CHARSET), size=shape)
     else:
-        raise CaptchaError(f"unknown --mix {mix!r}: choose one of {', '.join(MIXES)}")
+        codes = rng.integers(0, len(CHARSET), size=shape)
     alphabet = np.array(list(CHARSET))
     return ["".join(row) for row in alphabet[codes]]
 
@@ -143,18 +141,20 @@ def _default_workers():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _checked_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise CaptchaError(f"--{name} must be a whole number of 0 or more, got {value!r}")
+def _checked_number(name, value, minimum=0):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise CaptchaError(f"--{name} must be a whole number of {minimum} or more, got {value!r}")
     return int(value)
 
 
 def _checked_workers(workers):
-    if workers is None:
-        return _default_workers()
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise CaptchaError(f"--workers must be a whole number of 1 or more, got {workers!r}")
-    return workers
+    return _default_workers() if workers is None else _checked_number("workers", workers, 1)
+
+
+def _checked_mix(mix):
+    if mix not in MIXES:
+        raise CaptchaError(f"unknown --mix {mix!r}: choose one of {', '.join(MIXES)}")
+    return mix
 
 
 def generate_captcha(outdir, font=None, num_captchas=20000, mix="book", seed=None, workers=None):
@@ -162,7 +162,8 @@ def generate_captcha(outdir, font=None, num_captchas=20000, mix="book", seed=Non
 
     The same seed gives byte-identical files whatever the number of worker processes.
     """
-    num_captchas = _checked_count("num_captchas", num_captchas)
+    num_captchas = _checked_number("num_captchas", num_captchas)
+    mix = _checked_mix(mix)
     workers = _checked_workers(workers)
     font = find_font(font)
     outdir = ensure_dir(outdir)
@@ -202,7 +203,7 @@ def main_process(outdir_train=None, num_captchas_train=16000,
                  font=None, mix="book", seed=None, workers=None):
     """Generate the train, validation and test folders that are given; each split draws its own texts."""
     requested = {
-        split: (outdir, _checked_count(f"num_captchas_{split}", count))
+        split: (outdir, _checked_number(f"num_captchas_{split}", count))
         for split, outdir, count in zip(
             SPLITS,
             (outdir_train, outdir_val, outdir_test),
@@ -212,8 +213,7 @@ def main_process(outdir_train=None, num_captchas_train=16000,
     }
     if not requested:
         raise CaptchaError("nothing to generate: give --outdir_train, --outdir_val or --outdir_test")
-    if mix not in MIXES:
-        raise CaptchaError(f"unknown --mix {mix!r}: choose one of {', '.join(MIXES)}")
+    mix = _checked_mix(mix)
     font = find_font(font)
     workers = _checked_workers(workers)
     root_seed = np.random.SeedSequence(seed).entropy

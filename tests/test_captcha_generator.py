@@ -168,7 +168,9 @@ def test_unwritable_output_folder_is_refused(tmp_path, font):
 def test_unknown_mix_is_refused_before_anything_is_written(tmp_path, font):
     with pytest.raises(CaptchaError, match="unknown --mix 'digits'"):
         main_process(outdir_train=tmp_path / "t", num_captchas_train=1, font=font, mix="digits")
-    assert not (tmp_path / "t").exists()
+    with pytest.raises(CaptchaError, match="unknown --mix"):
+        generate_captcha(tmp_path / "g", font, 1, mix="digits")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "g").exists()
 
 
 def test_a_bad_later_split_stops_the_run_before_the_first_is_written(tmp_path, font):
