@@ -248,12 +248,13 @@ def evaluate(model_path, eval_dest, outdir, fetch_target=True):
     """Read every CAPTCHA in eval_dest; writes evaluation.csv, and with targets a gallery of failures."""
     model = load_breaker(model_path)
     files = list_captchas(eval_dest)
+    targets = [checked_label(f) for f in files] if fetch_target else None
     images, _ = load_captchas(files, with_labels=False)
     predictions = read_captchas(model, images)
     outdir = ensure_dir(outdir)
     results = pd.DataFrame({"files": [f.name for f in files], "predictions": predictions})
     if fetch_target:
-        results["targets"] = [checked_label(f) for f in files]
+        results["targets"] = targets
         results["match"] = (results["predictions"] == results["targets"]).astype(int)
         report_accuracy(results)
         write_confusions(results, outdir / "confusions.csv")
@@ -292,6 +293,7 @@ def plot_failures(results, images, path, shown=36):
     """The book's figure 10.4: failed CAPTCHAs with their target and prediction."""
     failed = np.flatnonzero(results["match"].to_numpy() == 0)[:shown]
     if len(failed) == 0:
+        Path(path).unlink(missing_ok=True)  # an older run's gallery would mislead
         return
     columns = 4
     rows = int(np.ceil(len(failed) / columns))

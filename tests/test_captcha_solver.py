@@ -206,6 +206,23 @@ def test_evaluate_writes_predictions_targets_and_matches(controlled, tmp_path, c
     assert (tmp_path / "out" / "failures.png").stat().st_size > 0
 
 
+def test_a_clean_evaluation_leaves_no_old_failure_gallery(controlled, tmp_path):
+    model_path, folder = controlled
+    (folder / "QQQQ.png").unlink()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "failures.png").write_bytes(b"an older run's gallery")
+    evaluate(model_path, folder, tmp_path / "out")
+    assert not (tmp_path / "out" / "failures.png").exists()
+
+
+def test_evaluate_names_a_bad_label(controlled, tmp_path):
+    model_path, folder = controlled
+    (folder / "AB1.png").write_bytes((folder / "AB12.png").read_bytes())
+    with pytest.raises(CaptchaError, match="AB1.png"):
+        evaluate(model_path, folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_evaluate_without_targets_still_writes_predictions(controlled, tmp_path):
     model_path, folder = controlled
     (folder / "unlabelled-image.png").write_bytes((folder / "AB12.png").read_bytes())
