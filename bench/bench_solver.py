@@ -6,14 +6,12 @@
 
     .venv/bin/python bench/bench_solver.py --num_eval 4000 --num_train 4000 --book_eval 100
 
-Each variant runs in its own process, so its peak memory (max RSS) is its own. The book's
+Each variant runs in its own process, so its peak memory (max RSS) is its own, and the fastest
+of --repeats interleaved runs counts: this machine's speed drifts from minute to minute. The book's
 per-slice loop is slow (four `predict` calls per CAPTCHA), so it reads only --book_eval
 CAPTCHAs, and both are compared as CAPTCHAs per second.
 """
-import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,7 @@ import fire
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.variants import best_of, report  # noqa: E402
 
 
 def book_evaluate(model, eval_dest, files, index_to_char_dict, load_img):
@@ -117,18 +116,10 @@ def run_variant(variant, data, book_eval):
             generator = ours.DataGenerator(Path(data) / "train", batch_size=16)
         model.fit(generator, epochs=1, verbose=0)
         count = len(os.listdir(Path(data) / "train"))
-    seconds = time.perf_counter() - start
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"variant": variant, "seconds": seconds, "count": count, "peak_mib": peak_mib}))
+    report(time.perf_counter() - start, count=count)
 
 
-def measure(variant, data, book_eval):
-    result = subprocess.run([sys.executable, __file__, "--variant", variant, "--data", data,
-                             "--book_eval", str(book_eval)], capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def main(num_eval=4000, num_train=4000, book_eval=100, variant=None, data=None, seed=0):
+def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, data=None, seed=0):
     if variant:
         return run_variant(variant, data, book_eval)
     from CaptchaGenerator import main_process
@@ -138,13 +129,14 @@ def main(num_eval=4000, num_train=4000, book_eval=100, variant=None, data=None, 
         main_process(outdir_train=f"{scratch}/train", num_captchas_train=num_train,
                      outdir_test=f"{scratch}/eval", num_captchas_test=num_eval, seed=seed)
         _model_(36).save(f"{scratch}/untrained.keras")
-        rows = {v: measure(v, scratch, book_eval)
-                for v in ("book_eval", "ours_eval", "book_train", "ours_train")}
+        rows = best_of(__file__, ("book_eval", "ours_eval", "book_train", "ours_train"), repeats,
+                       "--data", scratch, "--book_eval", book_eval)
 
     def rate(row):
         return row["count"] / row["seconds"]
 
-    print(f"\nbench_solver on {os.cpu_count()} cores ({num_eval} CAPTCHAs to read, {num_train} to train on)")
+    print(f"\nbench_solver on {os.cpu_count()} cores ({num_eval} CAPTCHAs to read, {num_train} to train on; "
+          f"fastest of {repeats} interleaved runs)")
     print(f"{'':34}{'CAPTCHAs/s':>12}{'seconds':>10}{'peak MiB':>10}")
     for variant, label in [("book_eval", f"(a) book: predict per slice ({book_eval})"),
                            ("ours_eval", f"(a) ours: evaluate ({num_eval})"),
