@@ -226,7 +226,7 @@ def load_breaker(model_path):
     if not model_path.is_file():
         raise CaptchaError(f"no model file at {model_path}")
     try:
-        model = keras.models.load_model(model_path)
+        model = keras.models.load_model(model_path, compile=False)  # reading needs no optimizer
     except Exception as error:  # Keras raises many kinds for a file it can't read
         raise CaptchaError(f"{model_path} is not a readable Keras model: {error}".splitlines()[0])
     if tuple(model.input_shape[1:]) != (40, 25, 1) or tuple(model.output_shape[1:]) != (len(CHARSET),):
