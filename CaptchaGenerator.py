@@ -25,6 +25,7 @@ from captcha_common import (
     DIGITS,
     LETTERS,
     CaptchaError,
+    checked_whole_number,
     ensure_dir,
     find_font,
     hidden_temporary,
@@ -141,14 +142,8 @@ def _default_workers():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _checked_number(name, value, minimum=0):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise CaptchaError(f"--{name} must be a whole number of {minimum} or more, got {value!r}")
-    return int(value)
-
-
 def _checked_workers(workers):
-    return _default_workers() if workers is None else _checked_number("workers", workers, 1)
+    return _default_workers() if workers is None else checked_whole_number("workers", workers, 1)
 
 
 def _checked_mix(mix):
@@ -162,7 +157,7 @@ def generate_captcha(outdir, font=None, num_captchas=20000, mix="book", seed=Non
 
     The same seed gives byte-identical files whatever the number of worker processes.
     """
-    num_captchas = _checked_number("num_captchas", num_captchas)
+    num_captchas = checked_whole_number("num_captchas", num_captchas)
     mix = _checked_mix(mix)
     workers = _checked_workers(workers)
     font = find_font(font)
@@ -203,7 +198,7 @@ def main_process(outdir_train=None, num_captchas_train=16000,
                  font=None, mix="book", seed=None, workers=None):
     """Generate the train, validation and test folders that are given; each split draws its own texts."""
     requested = {
-        split: (outdir, _checked_number(f"num_captchas_{split}", count))
+        split: (outdir, checked_whole_number(f"num_captchas_{split}", count))
         for split, outdir, count in zip(
             SPLITS,
             (outdir_train, outdir_val, outdir_test),

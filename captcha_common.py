@@ -44,6 +44,13 @@ def is_valid_label(label):
     return len(label) == CAPTCHA_LENGTH and all(c in CHARSET for c in label)
 
 
+def checked_whole_number(name, value, minimum=0):
+    """value as an int, or a one-line error naming the --option: fire passes '1.5' or 'abc' through."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CaptchaError(f"--{name} must be a whole number of {minimum} or more, got {value!r}")
+    return value
+
+
 def checked_label(filename):
     label = label_from_filename(filename)
     if not is_valid_label(label):

@@ -32,6 +32,7 @@ from keras import layers, ops  # noqa: E402
 from captcha_common import (  # noqa: E402
     CaptchaError,
     atomic_path,
+    checked_whole_number,
     ensure_dir,
     find_font,
     is_image_file,
@@ -350,9 +351,9 @@ class Checkpoint(keras.callbacks.Callback):
             return
         self.save_samples(f"samples_epoch_{epoch + 1:03d}.png")
         history_file = self.outdir / "losses.csv"
-        history = pd.read_csv(history_file) if history_file.exists() else pd.DataFrame()
+        earlier = pd.read_csv(history_file).query("epoch < @epoch") if history_file.exists() else None
         row = pd.DataFrame([{"epoch": epoch, "d_loss": logs["d_loss"], "g_loss": logs["g_loss"]}])
-        history = pd.concat([history[history.epoch < epoch] if len(history) else history, row])
+        history = pd.concat([earlier, row])
         with atomic_path(history_file) as temporary:
             history.to_csv(temporary, index=False)
         plot_losses(history, self.outdir / "losses.png")
@@ -397,10 +398,8 @@ def load_checkpoint(gan, outdir):
 
 
 def _checked_settings(batch_size, epochs, dis_input_dim):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise CaptchaError(f"--batch_size must be a whole number of 1 or more, got {batch_size!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise CaptchaError(f"--epochs must be a whole number of 1 or more, got {epochs!r}")
+    checked_whole_number("batch_size", batch_size, 1)
+    checked_whole_number("epochs", epochs, 1)
     if tuple(dis_input_dim) != IMAGE_SHAPE:
         raise CaptchaError(f"--dis_input_dim must be {IMAGE_SHAPE}, the generator's output, "
                            f"got {dis_input_dim!r}")

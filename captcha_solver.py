@@ -99,7 +99,9 @@ def cut_slices(images):
 class DataGenerator(keras.utils.PyDataset):
     """Batches of slices from a folder decoded once into memory, reshuffled every epoch.
 
-    batch_size counts CAPTCHAs, as in the book, so a batch holds 4 * batch_size slices.
+    The arguments are the book's; batch_size counts CAPTCHAs, so a batch holds 4 * batch_size
+    slices. char_to_index_dict and n_classes are accepted for the book's calls, but the classes
+    always come from CHARSET, the order that create_dict_char_to_index gives.
     """
 
     def __init__(self, dest, char_to_index_dict=None, batch_size=32, n_classes=36,
