@@ -1,0 +1,23 @@
+"""Running benchmark variants fairly on a noisy machine: each in a fresh process (so that its
+peak memory is its own), interleaved, repeated, and the fastest repeat kept."""
+import json
+import resource
+import subprocess
+import sys
+
+
+def report(seconds, **extra):
+    """Called inside a variant's process: print its time and peak memory as the last line."""
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib, **extra}))
+
+
+def best_of(script, variants, repeats, *args):
+    """{variant: its fastest run}; runs go variant by variant, round after round."""
+    runs = {variant: [] for variant in variants}
+    for _ in range(repeats):
+        for variant in variants:
+            result = subprocess.run([sys.executable, script, "--variant", variant, *map(str, args)],
+                                    capture_output=True, text=True, check=True)
+            runs[variant].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    return {variant: min(rows, key=lambda row: row["seconds"]) for variant, rows in runs.items()}
