@@ -161,10 +161,14 @@ def progress_verbosity():
 
 
 def run_cli(component, timer_name):
-    """Run a fire CLI under the book's ElapsedTimer; a CaptchaError becomes one line on stderr and exit 2."""
+    """Run a fire CLI under the book's ElapsedTimer; a CaptchaError becomes one line on stderr and
+    exit 2, Ctrl-C one line and exit 130."""
     try:
         with ElapsedTimer(timer_name):
             fire.Fire(component)
     except CaptchaError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: what was written whole is kept, nothing half-written is left", file=sys.stderr)
+        sys.exit(130)

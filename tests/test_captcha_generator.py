@@ -225,3 +225,26 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_2(tmp_path, args, me
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert message in result.stderr
+
+
+def test_ctrl_c_leaves_only_whole_pngs(tmp_path):
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "CaptchaGenerator.py"), "--outdir_train", str(tmp_path),
+         "--num_captchas_train", "5000", "--workers", "2", "--seed", "1"],
+        cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    while len(os.listdir(tmp_path)) < 50 and process.poll() is None:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1].startswith("interrupted")
+    files = os.listdir(tmp_path)
+    assert 0 < len(files) < 5000
+    assert not [name for name in files if name.startswith(".")]
+    for name in files:
+        with Image.open(tmp_path / name) as image:
+            image.verify()
