@@ -1,4 +1,4 @@
-"""What the chapter's scripts share: the alphabet, the label rule, the font, safe writes, the CLI."""
+"""What the chapter's scripts share: the alphabet, the label rule, the font, reading images, safe writes, figures, the CLI."""
 import os
 import sys
 import uuid
