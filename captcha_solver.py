@@ -40,6 +40,7 @@ from captcha_common import (
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "captcha_breaker.keras"
 MODEL_FILE = "captcha_breaker.keras"
 BOOK_DIM = (40, 100, 1)
+SLICE_SHAPE = (40, 25, 1)
 
 # ## Data
 #
@@ -96,6 +97,11 @@ def cut_slices(images):
     return slices.reshape(n * CAPTCHA_LENGTH, height, slice_width, channels)
 
 
+def scale(slices):
+    """uint8 slices -> float32 in [0, 1], what the book's model reads."""
+    return slices.astype("float32") / 255.0
+
+
 class DataGenerator(keras.utils.PyDataset):
     """Batches of slices from a folder decoded once into memory, reshuffled every epoch.
 
@@ -120,7 +126,7 @@ class DataGenerator(keras.utils.PyDataset):
 
     def __getitem__(self, index):
         batch = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        return self.slices[batch].astype("float32") / 255.0, self.labels[batch]
+        return scale(self.slices[batch]), self.labels[batch]
 
     def on_epoch_end(self):
         self.order = np.arange(len(self.labels))
@@ -134,7 +140,7 @@ class DataGenerator(keras.utils.PyDataset):
 
 
 def _model_(n_classes, lr=1e-3):
-    input_ = keras.Input(shape=(40, 25, 1))
+    input_ = keras.Input(shape=SLICE_SHAPE)
     x = layers.Conv2D(20, (5, 5), padding="same", activation="relu")(input_)
     x = layers.MaxPooling2D(pool_size=(2, 2), strides=(2, 2))(x)
     x = layers.Dropout(0.2)(x)
@@ -231,7 +237,7 @@ def load_breaker(model_path):
         model = keras.models.load_model(model_path, compile=False)  # reading needs no optimizer
     except Exception as error:  # Keras raises many kinds for a file it can't read
         raise CaptchaError(f"{model_path} is not a readable Keras model: {error}".splitlines()[0])
-    if tuple(model.input_shape[1:]) != (40, 25, 1) or tuple(model.output_shape[1:]) != (len(CHARSET),):
+    if tuple(model.input_shape[1:]) != SLICE_SHAPE or tuple(model.output_shape[1:]) != (len(CHARSET),):
         raise CaptchaError(f"{model_path} is not a CAPTCHA breaker: it maps {model.input_shape[1:]} "
                            f"to {model.output_shape[1:]}, not a 40x25x1 slice to {len(CHARSET)} classes")
     return model
@@ -239,8 +245,7 @@ def load_breaker(model_path):
 
 def read_captchas(model, images, batch_size=1024):
     """The 4-character text of each (N, 40, 100, 1) uint8 CAPTCHA, all slices in large batches."""
-    slices = cut_slices(images).astype("float32") / 255.0
-    probabilities = model.predict(slices, batch_size=batch_size, verbose=0)
+    probabilities = model.predict(scale(cut_slices(images)), batch_size=batch_size, verbose=0)
     codes = probabilities.argmax(axis=1).reshape(-1, CAPTCHA_LENGTH)
     alphabet = np.array(list(CHARSET))
     return ["".join(row) for row in alphabet[codes]]

@@ -142,7 +142,7 @@ def test_lr_is_honoured(trained):
 def test_saved_model_reads_as_it_did_in_memory(trained, captchas):
     model = load_breaker(trained / "captcha_breaker.keras")
     images, _ = load_captchas(list_captchas(captchas / "test"))
-    slices = cut_slices(images).astype("float32") / 255
+    slices = captcha_solver.scale(cut_slices(images))
     reloaded = keras.models.load_model(trained / "captcha_breaker.keras")
     assert np.allclose(model.predict(slices, verbose=0), reloaded.predict(slices, verbose=0))
 
