@@ -368,18 +368,18 @@ def save_checkpoint(gan, outdir, epochs_done):
     for network in (gan.generator, gan.discriminator):
         with atomic_path(outdir / f"{network.name}.weights.h5") as temporary:
             network.save_weights(temporary)
-    optimizer_state = {f"{name}_{i}": v.numpy() for name, optimizer in
-                       (("d", gan.d_optimizer), ("g", gan.g_optimizer))
-                       for i, v in enumerate(_resumable(optimizer))}
     with atomic_path(outdir / "optimizers.npz") as temporary:
-        np.savez(temporary, **optimizer_state)
+        np.savez(temporary, **{key: v.numpy() for key, v in _optimizer_state(gan).items()})
     with atomic_path(outdir / "state.json") as temporary:
         temporary.write_text(json.dumps({"epochs_done": epochs_done}))
 
 
-def _resumable(optimizer):
-    """The optimizer's step count and moments; its learning rate comes from the command line."""
-    return [v for v in optimizer.variables if not v.path.endswith("learning_rate")]
+def _optimizer_state(gan):
+    """Both optimizers' step counts and moments by name; learning rates come from the command line."""
+    return {f"{name}_{i}": variable
+            for name, optimizer in (("d", gan.d_optimizer), ("g", gan.g_optimizer))
+            for i, variable in enumerate(v for v in optimizer.variables
+                                         if not v.path.endswith("learning_rate"))}
 
 
 def load_checkpoint(gan, outdir):
@@ -389,9 +389,8 @@ def load_checkpoint(gan, outdir):
         for network in (gan.generator, gan.discriminator):
             network.load_weights(outdir / f"{network.name}.weights.h5")
         state = np.load(outdir / "optimizers.npz")
-        for name, optimizer in (("d", gan.d_optimizer), ("g", gan.g_optimizer)):
-            for i, variable in enumerate(_resumable(optimizer)):
-                variable.assign(state[f"{name}_{i}"])
+        for key, variable in _optimizer_state(gan).items():
+            variable.assign(state[key])
     except (OSError, KeyError, ValueError) as error:
         raise CaptchaError(f"cannot resume from {outdir}: {error}".splitlines()[0]) from None
     return epochs_done
@@ -400,7 +399,7 @@ def load_checkpoint(gan, outdir):
 def _checked_settings(batch_size, epochs, dis_input_dim):
     checked_whole_number("batch_size", batch_size, 1)
     checked_whole_number("epochs", epochs, 1)
-    if tuple(dis_input_dim) != IMAGE_SHAPE:
+    if not isinstance(dis_input_dim, (tuple, list)) or tuple(dis_input_dim) != IMAGE_SHAPE:
         raise CaptchaError(f"--dis_input_dim must be {IMAGE_SHAPE}, the generator's output, "
                            f"got {dis_input_dim!r}")
 
