@@ -1,10 +1,13 @@
-"""Break CAPTCHAs with the book's CNN: each 100x40 grayscale CAPTCHA is cut into four 25x40
-slices, and one small CNN reads each slice as one of 36 characters.
+"""Break CAPTCHAs with a CNN. The book's model (`--arch book`, the default) cuts each 100x40
+grayscale CAPTCHA into four 25x40 slices, and one small CNN reads each slice as one of 36
+characters. `--arch whole` sees the whole CAPTCHA and reads its four characters at once.
 
     python captcha_solver.py train --dest_train data/train --dest_val data/val --outdir runs/book \
         --batch_size 16 --lr 1e-3 --epochs 20 --n_classes 36 --shuffle True --dim '(40,100,1)'
     python captcha_solver.py evaluate --model_path runs/book/captcha_breaker.keras \
         --eval_dest data/test --outdir runs/book
+    python captcha_solver.py train --arch whole --dest_train data/train --dest_val data/val \
+        --outdir runs/whole --batch_size 64 --lr 2e-3 --epochs 8 --schedule cosine
     python captcha_solver.py predict data/test/26UR.png
 """
 import os
@@ -37,7 +40,9 @@ from captcha_common import (
     subplots,
 )
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "captcha_breaker.keras"
+MODELS = Path(__file__).resolve().parent / "models"
+BOOK_MODEL = MODELS / "captcha_breaker.keras"  # the book's network, trained to the book's figures
+DEFAULT_MODEL = MODELS / "whole_image_cnn.keras"  # the best reader, which predict uses
 MODEL_FILE = "captcha_breaker.keras"
 BOOK_DIM = (40, 100, 1)
 SLICE_SHAPE = (40, 25, 1)
@@ -97,26 +102,32 @@ def cut_slices(images):
     return slices.reshape(n * CAPTCHA_LENGTH, height, slice_width, channels)
 
 
-def scale(slices):
-    """uint8 slices -> float32 in [0, 1], what the book's model reads."""
-    return slices.astype("float32") / 255.0
+def scale(images):
+    """uint8 images or slices -> float32 in [0, 1], what every model here reads."""
+    return images.astype("float32") / 255.0
+
+
+def arch_view(arch, images, labels=None):
+    """What an architecture reads: the book's reads slices, one label each; the others whole CAPTCHAs."""
+    if arch == "book":
+        return cut_slices(images), None if labels is None else labels.reshape(-1)
+    return images, labels
 
 
 class DataGenerator(keras.utils.PyDataset):
-    """Batches of slices from a folder decoded once into memory, reshuffled every epoch.
+    """Batches from a folder decoded once into memory, reshuffled every epoch.
 
-    The arguments are the book's; batch_size counts CAPTCHAs, so a batch holds 4 * batch_size
-    slices. char_to_index_dict and n_classes are accepted for the book's calls, but the classes
-    always come from CHARSET, the order that create_dict_char_to_index gives.
+    The arguments are the book's, plus arch; batch_size counts CAPTCHAs, so for the book's model a
+    batch holds 4 * batch_size slices. char_to_index_dict and n_classes are accepted for the book's
+    calls, but the classes always come from CHARSET, the order that create_dict_char_to_index gives.
     """
 
     def __init__(self, dest, char_to_index_dict=None, batch_size=32, n_classes=36,
-                 dim=BOOK_DIM, shuffle=True, seed=None, **kwargs):
+                 dim=BOOK_DIM, shuffle=True, seed=None, arch="book", **kwargs):
         super().__init__(**kwargs)
         images, labels = load_captchas(list_captchas(dest), dim)
-        self.slices = cut_slices(images)
-        self.labels = labels.reshape(-1)
-        self.batch_size = batch_size * CAPTCHA_LENGTH
+        self.inputs, self.labels = arch_view(arch, images, labels)
+        self.batch_size = batch_size * (CAPTCHA_LENGTH if arch == "book" else 1)
         self.shuffle = shuffle
         self.rng = np.random.default_rng(seed)
         self.on_epoch_end()
@@ -126,7 +137,7 @@ class DataGenerator(keras.utils.PyDataset):
 
     def __getitem__(self, index):
         batch = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        return scale(self.slices[batch]), self.labels[batch]
+        return scale(self.inputs[batch]), self.labels[batch]
 
     def on_epoch_end(self):
         self.order = np.arange(len(self.labels))
@@ -134,9 +145,15 @@ class DataGenerator(keras.utils.PyDataset):
             self.rng.shuffle(self.order)
 
 
-# ## Model
+# ## Models
 #
-# Exactly the book's network. It reads one 40x25 slice.
+# `_model_` is exactly the book's network. It reads one 40x25 slice.
+
+
+def _compiled(model, lr):
+    model.compile(loss="sparse_categorical_crossentropy",
+                  optimizer=keras.optimizers.Adam(learning_rate=lr), metrics=["accuracy"])
+    return model
 
 
 def _model_(n_classes, lr=1e-3):
@@ -150,10 +167,35 @@ def _model_(n_classes, lr=1e-3):
     x = layers.Flatten()(x)
     x = layers.Dense(1024, activation="relu")(x)
     out = layers.Dense(n_classes, activation="softmax")(x)
-    model = keras.Model(inputs=[input_], outputs=out, name="book")
-    model.compile(loss="sparse_categorical_crossentropy",
-                  optimizer=keras.optimizers.Adam(learning_rate=lr), metrics=["accuracy"])
-    return model
+    return _compiled(keras.Model(inputs=[input_], outputs=out, name="book"), lr)
+
+
+# The whole-image model sees all of the CAPTCHA, so a character that crosses a slice border, or
+# that only its width and spacing tell apart (0/O, 1/I), is read in context. Four small conv
+# blocks shrink 40x100 to 2x6; one dense layer then gives a softmax per character position.
+
+
+def whole_image_model(n_classes, lr=1e-3):
+    input_ = keras.Input(shape=BOOK_DIM)
+    x = layers.RandomTranslation(0.05, 0.03, fill_mode="nearest")(input_)
+    x = layers.RandomZoom(0.05, fill_mode="nearest")(x)
+    for filters in (32, 64, 96, 128):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dropout(0.3)(x)
+    x = layers.Dense(CAPTCHA_LENGTH * n_classes)(x)
+    x = layers.Reshape((CAPTCHA_LENGTH, n_classes))(x)
+    out = layers.Softmax()(x)
+    return _compiled(keras.Model(inputs=input_, outputs=out, name="whole"), lr)
+
+
+ARCHITECTURES = {"book": _model_, "whole": whole_image_model}
+# What each architecture maps, as the model file records it; this is how a file's architecture is told.
+ARCH_SHAPES = {"book": (SLICE_SHAPE, (len(CHARSET),)),
+               "whole": (BOOK_DIM, (CAPTCHA_LENGTH, len(CHARSET)))}
 
 
 # ## Training
@@ -172,7 +214,9 @@ class EpochSeconds(keras.callbacks.Callback):
 SCHEDULES = ("constant", "cosine")
 
 
-def _checked_settings(n_classes, dim, schedule):
+def _checked_settings(n_classes, dim, schedule, arch):
+    if arch not in ARCHITECTURES:
+        raise CaptchaError(f"unknown --arch {arch!r}: choose {' or '.join(ARCHITECTURES)}")
     if n_classes != len(CHARSET):
         raise CaptchaError(f"--n_classes must be {len(CHARSET)} (A-Z and 0-9), got {n_classes!r}")
     if not isinstance(dim, (tuple, list)) or tuple(dim) != BOOK_DIM:
@@ -189,18 +233,20 @@ def _learning_rate(lr, schedule, epochs, steps_per_epoch):
 
 
 def train(dest_train, dest_val, outdir, batch_size=16, n_classes=36, dim=BOOK_DIM,
-          shuffle=True, epochs=20, lr=1e-3, schedule="constant", patience=None, seed=None):
-    """Train the book's model; writes captcha_breaker.keras, history.csv and curves.png to outdir."""
-    dim = _checked_settings(n_classes, dim, schedule)
+          shuffle=True, epochs=20, lr=1e-3, schedule="constant", patience=None, seed=None,
+          arch="book"):
+    """Train a breaker (the book's by default); writes captcha_breaker.keras, history.csv and
+    curves.png to outdir."""
+    dim = _checked_settings(n_classes, dim, schedule, arch)
     outdir = ensure_dir(outdir)
     if seed is not None:
         keras.utils.set_random_seed(seed)
     char_to_index_dict, _ = create_dict_char_to_index()
     train_generator = DataGenerator(dest_train, char_to_index_dict, batch_size, n_classes, dim,
-                                    shuffle, seed)
+                                    shuffle, seed, arch)
     val_generator = DataGenerator(dest_val, char_to_index_dict, batch_size, n_classes, dim,
-                                  shuffle=False)
-    model = _model_(n_classes, _learning_rate(lr, schedule, epochs, len(train_generator)))
+                                  shuffle=False, arch=arch)
+    model = ARCHITECTURES[arch](n_classes, _learning_rate(lr, schedule, epochs, len(train_generator)))
     callbacks = [EpochSeconds(), keras.callbacks.CSVLogger(str(outdir / "history.csv"))]
     if patience:
         callbacks.append(keras.callbacks.EarlyStopping(
@@ -237,16 +283,26 @@ def load_breaker(model_path):
         model = keras.models.load_model(model_path, compile=False)  # reading needs no optimizer
     except Exception as error:  # Keras raises many kinds for a file it can't read
         raise CaptchaError(f"{model_path} is not a readable Keras model: {error}".splitlines()[0])
-    if tuple(model.input_shape[1:]) != SLICE_SHAPE or tuple(model.output_shape[1:]) != (len(CHARSET),):
-        raise CaptchaError(f"{model_path} is not a CAPTCHA breaker: it maps {model.input_shape[1:]} "
-                           f"to {model.output_shape[1:]}, not a 40x25x1 slice to {len(CHARSET)} classes")
+    arch_of(model, model_path)
     return model
 
 
+def arch_of(model, model_path=None):
+    """The architecture whose shapes the model has, or one clear line saying it has none of them."""
+    shapes = (tuple(model.input_shape[1:]), tuple(model.output_shape[1:]))
+    for arch, arch_shapes in ARCH_SHAPES.items():
+        if shapes == arch_shapes:
+            return arch
+    raise CaptchaError(f"{model_path or model.name} is not a CAPTCHA breaker: it maps {shapes[0]} "
+                       f"to {shapes[1]}, not a 40x25x1 slice to {len(CHARSET)} classes "
+                       f"nor a 40x100x1 CAPTCHA to 4x{len(CHARSET)}")
+
+
 def read_captchas(model, images, batch_size=1024):
-    """The 4-character text of each (N, 40, 100, 1) uint8 CAPTCHA, all slices in large batches."""
-    probabilities = model.predict(scale(cut_slices(images)), batch_size=batch_size, verbose=0)
-    codes = probabilities.argmax(axis=1).reshape(-1, CAPTCHA_LENGTH)
+    """The 4-character text of each (N, 40, 100, 1) uint8 CAPTCHA, read in large batches."""
+    inputs, _ = arch_view(arch_of(model), images)
+    probabilities = model.predict(scale(inputs), batch_size=batch_size, verbose=0)
+    codes = probabilities.argmax(axis=-1).reshape(-1, CAPTCHA_LENGTH)
     alphabet = np.array(list(CHARSET))
     return ["".join(row) for row in alphabet[codes]]
 

@@ -2,7 +2,8 @@
 
   (a) evaluating CAPTCHAs: the book's loop of one `predict` per slice against `evaluate`;
   (b) one training epoch at batch size 16: the book's DataGenerator, which reads every batch
-      from disk, against ours, which decodes each file once.
+      from disk, against ours, which decodes each file once;
+  (c) evaluating the same CAPTCHAs with the whole-image model (`--arch whole`).
 
     .venv/bin/python bench/bench_solver.py --num_eval 4000 --num_train 4000 --book_eval 100
 
@@ -105,8 +106,10 @@ def run_variant(variant, data, book_eval):
         _, index_to_char = ours.create_dict_char_to_index()
         book_evaluate(model, str(Path(data) / "eval"), files, index_to_char, book_load_img)
         count = len(files)
-    elif variant == "ours_eval":
-        ours.evaluate(model_path, Path(data) / "eval", Path(data) / "ours_eval_out")
+    elif variant in ("ours_eval", "whole_eval"):
+        if variant == "whole_eval":
+            model_path = Path(data) / "untrained_whole.keras"
+        ours.evaluate(model_path, Path(data) / "eval", Path(data) / f"{variant}_out")
         count = len(os.listdir(Path(data) / "eval"))
     else:
         model = ours._model_(36)
@@ -123,13 +126,14 @@ def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, 
     if variant:
         return run_variant(variant, data, book_eval)
     from CaptchaGenerator import main_process
-    from captcha_solver import _model_
+    from captcha_solver import _model_, whole_image_model
 
     with tempfile.TemporaryDirectory() as scratch:
         main_process(outdir_train=f"{scratch}/train", num_captchas_train=num_train,
                      outdir_test=f"{scratch}/eval", num_captchas_test=num_eval, seed=seed)
         _model_(36).save(f"{scratch}/untrained.keras")
-        rows = best_of(__file__, ("book_eval", "ours_eval", "book_train", "ours_train"), repeats,
+        whole_image_model(36).save(f"{scratch}/untrained_whole.keras")
+        rows = best_of(__file__, ("book_eval", "ours_eval", "whole_eval", "book_train", "ours_train"), repeats,
                        "--data", scratch, "--book_eval", book_eval)
 
     def rate(row):
@@ -140,12 +144,15 @@ def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, 
     print(f"{'':34}{'CAPTCHAs/s':>12}{'seconds':>10}{'peak MiB':>10}")
     for variant, label in [("book_eval", f"(a) book: predict per slice ({book_eval})"),
                            ("ours_eval", f"(a) ours: evaluate ({num_eval})"),
+                           ("whole_eval", f"(c) whole-image: evaluate ({num_eval})"),
                            ("book_train", "(b) book: disk DataGenerator epoch"),
                            ("ours_train", "(b) ours: in-memory epoch")]:
         row = rows[variant]
         print(f"{label:34}{rate(row):12.1f}{row['seconds']:10.2f}{row['peak_mib']:10.0f}")
     print(f"(a) evaluation speed-up: {rate(rows['ours_eval']) / rate(rows['book_eval']):.0f}x")
     print(f"(b) training-epoch speed-up: {rate(rows['ours_train']) / rate(rows['book_train']):.2f}x")
+    print(f"(c) whole-image model against the book's per-slice loop: "
+          f"{rate(rows['whole_eval']) / rate(rows['book_eval']):.0f}x")
 
 
 if __name__ == "__main__":
