@@ -7,6 +7,7 @@ images to serve as CAPTCHAs.
         --smooth_coef 0.1
     python captcha_gan.py generate-captcha --gen_input_dim 100 --num_images 200 \
         --model_dir runs/gan --outdir runs/gan/captcha_for_use --alpha 0.2
+    python captcha_gan.py score --model_dir runs/gan --dest_train data/svhn/train_32x32.mat
 
 Without a network, `make-synthetic-svhn` writes an offline stand-in in SVHN's exact .mat layout.
 It is synthetic, drawn from installed fonts, and it is not SVHN.
@@ -29,6 +30,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402  (GradientTape: the two-network step is TensorFlow's)
 from keras import layers, ops  # noqa: E402
 
+import gan_score  # noqa: E402
 from captcha_common import (  # noqa: E402
     CaptchaError,
     atomic_path,
@@ -312,27 +314,37 @@ def save_sample_grid(images, path, title=None):
 
 
 def plot_losses(history, path):
-    figure, axis = subplots(figsize=(7, 4))
+    scored = history.dropna(subset=["fcd"]) if "fcd" in history else history.iloc[:0]
+    figure, axes = subplots(1, 2 if len(scored) else 1, figsize=(12 if len(scored) else 7, 4),
+                            squeeze=False)
     for column in ("d_loss", "g_loss"):
-        axis.plot(history["epoch"] + 1, history[column], marker="o", label=column)
-    axis.set(xlabel="epoch", ylabel="mean loss", title="DCGAN losses")
-    axis.legend()
+        axes[0, 0].plot(history["epoch"] + 1, history[column], marker="o", label=column)
+    axes[0, 0].set(xlabel="epoch", ylabel="mean loss", title="DCGAN losses")
+    axes[0, 0].legend()
+    if len(scored):
+        axes[0, 1].plot(scored["epoch"] + 1, scored["fcd"], marker="o", color="C2")
+        axes[0, 1].set(xlabel="epoch", ylabel="FCD (lower is better)", title="Frechet distance in the judge's features")
     figure.tight_layout()
     save_figure(figure, path)
 
 
 class Checkpoint(keras.callbacks.Callback):
     """Every epoch: a sample grid, the loss CSV and plot, and whole checkpoints to resume from.
+    With a scorer, every score_every epochs the scores join the CSV, and the checkpoint with the
+    lowest FCD so far is also kept in outdir/best.
 
     A NaN loss stops training before anything of that epoch is saved, so the files in
     outdir stay those of the last good epoch.
     """
 
-    def __init__(self, outdir, fixed_noise, sample_every=0):
+    def __init__(self, outdir, fixed_noise, sample_every=0, scorer=None, score_every=0, seed=None):
         super().__init__()
         self.outdir = outdir
         self.fixed_noise = fixed_noise
         self.sample_every = sample_every
+        self.scorer = scorer
+        self.score_every = score_every
+        self.seed = seed
         self.epoch = 0
         self.failed = None
 
@@ -352,26 +364,39 @@ class Checkpoint(keras.callbacks.Callback):
         self.save_samples(f"samples_epoch_{epoch + 1:03d}.png")
         history_file = self.outdir / "losses.csv"
         earlier = pd.read_csv(history_file).query("epoch < @epoch") if history_file.exists() else None
-        row = pd.DataFrame([{"epoch": epoch, "d_loss": logs["d_loss"], "g_loss": logs["g_loss"]}])
-        history = pd.concat([earlier, row])
+        row = {"epoch": epoch, "d_loss": logs["d_loss"], "g_loss": logs["g_loss"]}
+        if self.scorer and (epoch + 1) % self.score_every == 0:
+            row.update(self.score(epoch, earlier))
+        history = pd.concat([earlier, pd.DataFrame([row])])
         with atomic_path(history_file) as temporary:
             history.to_csv(temporary, index=False)
         plot_losses(history, self.outdir / "losses.png")
         save_checkpoint(self.model, self.outdir, epoch + 1)
+
+    def score(self, epoch, earlier):
+        """This epoch's scores; a new lowest FCD also saves the checkpoint to outdir/best."""
+        images = sample_images(self.model.generator, self.scorer.num_images, self.seed)
+        scores, _ = self.scorer.score(to_uint8(images))
+        row = gan_score.history_row(scores)
+        best_so_far = earlier["fcd"].min() if earlier is not None and "fcd" in earlier else np.nan
+        print(f"\nepoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+        if not row["fcd"] >= best_so_far:  # also when nothing was scored before (NaN)
+            save_checkpoint(self.model, ensure_dir(self.outdir / "best"), epoch + 1, fcd=row["fcd"])
+        return row
 
     def save_samples(self, name):
         images = self.model.generator(self.fixed_noise, training=False)
         save_sample_grid(images, self.outdir / name, title=name[:-4].replace("_", " "))
 
 
-def save_checkpoint(gan, outdir, epochs_done):
+def save_checkpoint(gan, outdir, epochs_done, **state):
     for network in (gan.generator, gan.discriminator):
         with atomic_path(outdir / f"{network.name}.weights.h5") as temporary:
             network.save_weights(temporary)
     with atomic_path(outdir / "optimizers.npz") as temporary:
         np.savez(temporary, **{key: v.numpy() for key, v in _optimizer_state(gan).items()})
     with atomic_path(outdir / "state.json") as temporary:
-        temporary.write_text(json.dumps({"epochs_done": epochs_done}))
+        temporary.write_text(json.dumps({"epochs_done": epochs_done, **state}))
 
 
 def _optimizer_state(gan):
@@ -406,12 +431,18 @@ def _checked_settings(batch_size, epochs, dis_input_dim):
 
 def train(dest_train, outdir, dir_flag=False, batch_size=100, gen_input_dim=100, gen_beta1=0.5,
           gen_lr=0.0001, dis_input_dim=IMAGE_SHAPE, dis_lr=0.001, dis_beta1=0.5, alpha=0.2,
-          epochs=100, smooth_coef=0.1, sample_every=0, resume=False, seed=None):
-    """Train the DCGAN; checkpoints, sample grids and loss curves go to outdir every epoch."""
+          epochs=100, smooth_coef=0.1, sample_every=0, resume=False, seed=None,
+          score_every=0, dest_test=None, score_images=10000):
+    """Train the DCGAN; checkpoints, sample grids and loss curves go to outdir every epoch, and
+    with score_every=K the scores of `score` every K epochs, keeping the best in outdir/best."""
     _checked_settings(batch_size, epochs, dis_input_dim)
+    checked_whole_number("score_every", score_every)
     images = read_data(dest_train, dir_flag)
     if images.shape[1:] != IMAGE_SHAPE:
         raise CaptchaError(f"{dest_train}: images are {images.shape[1:]}, the networks need {IMAGE_SHAPE}")
+    if score_every and dir_flag:
+        raise CaptchaError("--score_every needs labelled digits: a .mat file, not a folder (--dir_flag)")
+    scorer = build_scorer(dest_train, dest_test, score_images, seed or 0) if score_every else None
     outdir = ensure_dir(outdir)
     if seed is not None:
         keras.utils.set_random_seed(seed)
@@ -421,7 +452,7 @@ def train(dest_train, outdir, dir_flag=False, batch_size=100, gen_input_dim=100,
                 jit_compile=bool(tf.config.list_physical_devices("GPU")))  # XLA is far slower on CPU
     epochs_done = load_checkpoint(gan, outdir) if resume else 0
     fixed_noise = _fixed_noise(outdir, gen_input_dim, seed)
-    checkpoint = Checkpoint(outdir, fixed_noise, sample_every)
+    checkpoint = Checkpoint(outdir, fixed_noise, sample_every, scorer, score_every, seed)
     print(f"{len(images)} training images, {math.ceil(len(images) / batch_size)} steps per epoch, "
           f"epochs {epochs_done + 1}-{epochs}")
     gan.fit(images, batch_size=batch_size, epochs=epochs, initial_epoch=epochs_done, shuffle=True,
@@ -448,9 +479,7 @@ def _fixed_noise(outdir, gen_input_dim, seed):
 # ## Using the generator
 
 
-def generate_captcha(gen_input_dim=100, alpha=0.2, num_images=200, model_dir="runs/gan",
-                     outdir="runs/gan/captcha_for_use", seed=None):
-    """Sample num_images CAPTCHAs from a trained generator: captcha_<i>.png and one contact sheet."""
+def load_generator(model_dir, gen_input_dim=100, alpha=0.2):
     g = generator(gen_input_dim, alpha)
     weights = Path(str(model_dir)) / "generator.weights.h5"
     if not weights.is_file():
@@ -460,8 +489,20 @@ def generate_captcha(gen_input_dim=100, alpha=0.2, num_images=200, model_dir="ru
     except Exception as error:  # Keras raises several kinds for a mismatched file
         raise CaptchaError(f"{weights} does not fit a generator with gen_input_dim={gen_input_dim}: "
                            f"{error}".splitlines()[0]) from None
-    noise = np.random.default_rng(seed).normal(size=(num_images, gen_input_dim)).astype("float32")
-    images = g.predict(noise, batch_size=256, verbose=0)
+    return g
+
+
+def sample_images(g, num_images, seed=None):
+    """num_images generated images in [-1, 1]; the same seed draws the same noise."""
+    noise = np.random.default_rng(seed).normal(size=(num_images, g.input_shape[-1])).astype("float32")
+    return g.predict(noise, batch_size=256, verbose=0)
+
+
+def generate_captcha(gen_input_dim=100, alpha=0.2, num_images=200, model_dir="runs/gan",
+                     outdir="runs/gan/captcha_for_use", seed=None):
+    """Sample num_images CAPTCHAs from a trained generator (model_dir/best: the best-scored one):
+    captcha_<i>.png and one contact sheet."""
+    images = sample_images(load_generator(model_dir, gen_input_dim, alpha), num_images, seed)
     outdir = ensure_dir(outdir)
     for i, image in enumerate(to_uint8(images)):
         with atomic_path(outdir / f"captcha_{i}.png") as temporary:
@@ -470,6 +511,50 @@ def generate_captcha(gen_input_dim=100, alpha=0.2, num_images=200, model_dir="ru
     print(f"{num_images} CAPTCHAs written to {outdir}")
 
 
+# ## Scoring the generator
+#
+# gan_score.py holds the judge and the metrics; here they meet the data and the generator.
+
+
+def heldout_path(dest_train, dest_test=None):
+    """dest_test, else the file beside dest_train with "test" for "train" in its name."""
+    if dest_test:
+        return Path(str(dest_test))
+    train_path = Path(str(dest_train))
+    guess = train_path.with_name(train_path.name.replace("train", "test"))
+    if guess != train_path and guess.is_file():
+        return guess
+    raise CaptchaError(f"scoring needs held-out real images: give --dest_test (SVHN's test_32x32.mat, from "
+                       f"`download-svhn --test True`, or a synthetic set drawn with another --seed)")
+
+
+def build_scorer(dest_train, dest_test=None, num_images=10000, seed=0):
+    checked_whole_number("num_images", num_images, 1)
+    training_images, training_labels = read_mat(dest_train)
+    if training_labels is None:
+        raise CaptchaError(f"{dest_train} has no labels (y): the judge needs labelled digits")
+    heldout_images, heldout_labels = read_mat(heldout_path(dest_train, dest_test))
+    judge = gan_score.load_or_train_judge(dest_train, training_images, training_labels,
+                                          seed, progress_verbosity())
+    scorer = gan_score.Scorer(judge, training_images, training_labels, heldout_images,
+                              heldout_labels, num_images, seed)
+    print("Scoring protocol: " + "; ".join(scorer.protocol()))
+    return scorer
+
+
+def score(model_dir, dest_train, dest_test=None, outdir=None, num_images=10000, gen_input_dim=100,
+          alpha=0.2, seed=0):
+    """Score a trained generator against real images; writes score.md and two PNGs to outdir
+    (model_dir/score by default)."""
+    g = load_generator(model_dir, gen_input_dim, alpha)
+    scorer = build_scorer(dest_train, dest_test, num_images, seed)
+    scores, reading = scorer.score(to_uint8(sample_images(g, scorer.num_images, seed)))
+    outdir = ensure_dir(outdir or Path(str(model_dir)) / "score")
+    gan_score.write_report(scorer, scores, reading, outdir, f"Scores of {model_dir}")
+    print(f"Report written to {outdir / 'score.md'}")
+
+
 if __name__ == "__main__":
     run_cli({"train": train, "generate_captcha": generate_captcha,  # fire also takes generate-captcha
-             "make_synthetic_svhn": make_synthetic_svhn, "download_svhn": download_svhn}, "captcha_gan")
+             "score": score, "make_synthetic_svhn": make_synthetic_svhn,
+             "download_svhn": download_svhn}, "captcha_gan")

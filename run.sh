@@ -19,19 +19,27 @@ demo() {
     --batch_size 16 --lr 1e-3 --epochs 3 --seed 0
   $PY captcha_solver.py evaluate --model_path "$DEMO/solver/captcha_breaker.keras" \
     --eval_dest "$DEMO/test" --outdir "$DEMO/solver"
-  echo "== 3. Read the same CAPTCHAs with the shipped model"
+  echo "== 3. Read the same CAPTCHAs with the shipped models: the book's network, then the whole-image CNN"
   $PY captcha_solver.py evaluate --model_path models/captcha_breaker.keras \
-    --eval_dest "$DEMO/test" --outdir "$DEMO/shipped"
+    --eval_dest "$DEMO/test" --outdir "$DEMO/shipped_book"
+  $PY captcha_solver.py evaluate --model_path models/whole_image_cnn.keras \
+    --eval_dest "$DEMO/test" --outdir "$DEMO/shipped_whole"
   $PY captcha_solver.py predict "$DEMO/test/$(ls "$DEMO/test" | head -1)"
   echo "== 4. Train the DCGAN briefly on the offline SYNTHETIC house numbers (not SVHN), then sample CAPTCHAs"
   $PY captcha_gan.py make-synthetic-svhn --outfile "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" \
     --num_images 5000 --seed 0
+  $PY captcha_gan.py make-synthetic-svhn --outfile "$DEMO/synthetic_svhn/synthetic_svhn_test_32x32.mat" \
+    --num_images 2000 --seed 1
   $PY captcha_gan.py train --dest_train "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" \
     --outdir "$DEMO/gan" --batch_size 100 --epochs 2 --seed 0
   $PY captcha_gan.py generate-captcha --num_images 64 --model_dir "$DEMO/gan" \
     --outdir "$DEMO/gan/captcha_for_use" --seed 0
-  echo "demo: everything is under $DEMO: CAPTCHAs in train/ val/ test/, solver/ and shipped/ hold"
-  echo "      evaluation.csv, failures.png and confusions.csv, gan/ the GAN's samples and curves"
+  echo "== 5. Score the GAN's samples against real ones (trains the judge once, then caches it)"
+  $PY captcha_gan.py score --model_dir "$DEMO/gan" --dest_train "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" \
+    --num_images 2000
+  echo "demo: everything is under $DEMO: CAPTCHAs in train/ val/ test/; solver/, shipped_book/ and"
+  echo "      shipped_whole/ hold evaluation.csv, failures.png and confusions.csv; gan/ the GAN's"
+  echo "      samples and curves, gan/score/ its scores"
 }
 
 case "${1:-}" in

@@ -340,6 +340,7 @@ def test_the_books_command_lines(tmp_path):
     assert len(list((tmp_path / "captcha_for_use").glob("captcha_*.png"))) == 3
 
 
+@pytest.mark.filterwarnings("ignore:The model does not have any trainable weights")  # the point
 def test_the_books_make_trainable_toggling_freezes_d_on_keras_3():
     """Why our step manages the weights itself: the book's toggling, as printed, never trains D."""
     g, d = generator(8), discriminator((32, 32, 3))

@@ -1,0 +1,324 @@
+"""Measuring a GAN's house numbers offline, without Inception weights from the internet.
+
+A small digit classifier, the judge, is trained once on the labelled real training images and
+cached beside them. Generated images are then compared with real ones in the judge's
+penultimate features (a Frechet distance, "FCD", and the kernel distance KID), by k-nearest-
+neighbour precision and recall, by the digits the judge reads in them, by how many it reads
+with confidence, and by how close they come to training images (memorisation). Every figure
+comes with its floor: the same figure between two disjoint real samples.
+
+None of these numbers is comparable with published Inception FIDs: the features are the judge's.
+"""
+import hashlib
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import linalg
+
+import keras
+from keras import layers
+
+from captcha_common import CaptchaError, atomic_path, save_figure, subplots
+
+IMAGE_SHAPE = (32, 32, 3)
+DIGITS = 10
+CONFIDENT = 0.9
+K_NEAREST = 3
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
+JUDGE_STEPS = 1500
+
+# ## The judge
+#
+# SVHN labels a zero as 10; the judge's classes are the digits 0-9.
+
+
+def judge_model():
+    inputs = keras.Input(IMAGE_SHAPE)
+    x = layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
+    for filters in (32, 64, 128):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)  # settles within a short training
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    features = layers.Dense(128, activation="relu", name="features")(x)
+    x = layers.Dropout(0.3)(features)
+    outputs = layers.Dense(DIGITS, activation="softmax")(x)
+    model = keras.Model(inputs, outputs, name="judge")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def digits_of(labels):
+    return np.asarray(labels).reshape(-1).astype(int) % 10
+
+
+def _fingerprint(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as data:
+        while chunk := data.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_or_train_judge(data_path, images, labels, seed=0, verbose=0, steps=JUDGE_STEPS):
+    """The judge for a training file: trained once, for about `steps` batches of 128, then read
+    from <stem>.judge.keras beside it."""
+    data_path = Path(data_path)
+    model_path = data_path.with_suffix(".judge.keras")
+    info_path = data_path.with_suffix(".judge.json")
+    fingerprint = _fingerprint(data_path)
+    if model_path.is_file() and info_path.is_file():
+        if json.loads(info_path.read_text()).get("data_sha256") == fingerprint:
+            return keras.models.load_model(model_path)
+    print(f"Training the judge on {len(images)} labelled images of {data_path.name} (once; cached)")
+    keras.utils.set_random_seed(seed)
+    judge = judge_model()
+    epochs = math.ceil(steps / math.ceil(len(images) / 128))
+    judge.fit(images, digits_of(labels), batch_size=128, epochs=epochs, shuffle=True, verbose=verbose)
+    with atomic_path(model_path) as temporary:
+        judge.save(temporary)
+    with atomic_path(info_path) as temporary:
+        temporary.write_text(json.dumps({"data": data_path.name, "data_sha256": fingerprint,
+                                         "images": len(images), "epochs": epochs}))
+    return judge
+
+
+class Reading:
+    """What the judge makes of a set of images: penultimate features and digit probabilities."""
+
+    def __init__(self, judge, images):
+        both = keras.Model(judge.inputs, [judge.get_layer("features").output, judge.outputs[0]])
+        features, probabilities = both.predict(images, batch_size=500, verbose=0)
+        self.images = images
+        self.features = features.astype(np.float64)
+        self.probabilities = probabilities
+        self.digits = probabilities.argmax(axis=1)
+
+
+# ## The metrics
+
+
+def frechet_distance(a, b):
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between two feature sets."""
+    dimension = a.shape[1]
+    if min(len(a), len(b)) <= dimension:
+        raise CaptchaError(f"the Frechet distance needs more images than the {dimension} features: "
+                           f"got {len(a)} and {len(b)}; score more images")
+    mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # collapsed samples: handled below
+        root = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(root).all():  # a near-singular product: nudge both, as FID code does
+            offset = np.eye(dimension) * 1e-6
+            root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))
+
+
+def kernel_distance(a, b, rng):
+    """KID: the unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over random subsets."""
+    size = min(KID_SUBSET_SIZE, len(a), len(b))
+    if size < 2:
+        raise CaptchaError("the kernel distance needs at least 2 images on each side")
+    dimension = a.shape[1]
+    estimates = []
+    for _ in range(KID_SUBSETS):
+        x = a[rng.choice(len(a), size, replace=False)]
+        y = b[rng.choice(len(b), size, replace=False)]
+        kxx, kyy, kxy = ((p @ q.T / dimension + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+        off_diagonal = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (size * (size - 1))
+        estimates.append(off_diagonal - 2 * kxy.mean())
+    return float(np.mean(estimates))
+
+
+def _pairwise_distances(a, b, chunk=1000):
+    """Yields (rows, distances of a[rows] to all of b), a block at a time to bound memory."""
+    b_norms = (b ** 2).sum(axis=1)
+    for start in range(0, len(a), chunk):
+        block = a[start:start + chunk]
+        squared = (block ** 2).sum(axis=1)[:, None] + b_norms[None, :] - 2 * block @ b.T
+        yield slice(start, start + len(block)), np.sqrt(np.maximum(squared, 0))
+
+
+def _kth_neighbour_radii(a, k):
+    radii = np.empty(len(a))
+    for rows, distances in _pairwise_distances(a, a):
+        radii[rows] = np.partition(distances, k, axis=1)[:, k]  # column 0 is the point itself
+    return radii
+
+
+def _share_inside(points, centres, radii):
+    """The share of points that fall inside at least one centre's ball."""
+    inside = np.zeros(len(points), bool)
+    for rows, distances in _pairwise_distances(points, centres):
+        inside[rows] = (distances <= radii[None, :]).any(axis=1)
+    return float(inside.mean())
+
+
+def precision_recall(real, fake, k=K_NEAREST):
+    """Kynkaanniemi et al. (2019): precision is the share of fakes inside the real k-NN manifold,
+    recall the share of reals inside the fake one."""
+    if min(len(real), len(fake)) <= k:
+        raise CaptchaError(f"precision and recall need more than {k} images on each side")
+    precision = _share_inside(fake, real, _kth_neighbour_radii(real, k))
+    recall = _share_inside(real, fake, _kth_neighbour_radii(fake, k))
+    return precision, recall
+
+
+def digit_histogram(digits):
+    return np.bincount(digits, minlength=DIGITS) / len(digits)
+
+
+def total_variation(p, q):
+    return float(np.abs(p - q).sum() / 2)
+
+
+def nearest_neighbours(queries, candidates, chunk=500):
+    """For each query, the index of and the distance to its nearest candidate."""
+    indices = np.empty(len(queries), int)
+    distances = np.empty(len(queries))
+    for rows, block in _pairwise_distances(queries, candidates, chunk):
+        indices[rows] = block.argmin(axis=1)
+        distances[rows] = block[np.arange(len(block)), indices[rows]]
+    return indices, distances
+
+
+# ## Scoring
+
+
+METRICS = {  # name: (column in losses.csv, how to read it)
+    "FCD": ("fcd", "Frechet distance in the judge's features; lower is better"),
+    "KID x 1000": ("kid", "kernel distance in the judge's features; lower is better"),
+    "precision": ("precision", "share of samples on the real manifold (k=3); higher is better"),
+    "recall": ("recall", "share of real images the samples cover (k=3); higher is better"),
+    "digit TV": ("digit_tv", "total variation between read digits and the label prior; lower is better"),
+    "confident": ("confident", f"share the judge reads with confidence >= {CONFIDENT}; a readable CAPTCHA"),
+    "copies": ("copies", "share nearer a training image than 99% of held-out images come; lower is better"),
+    "NN distance": ("nn_distance", "median distance to the nearest training image, in the judge's features"),
+}
+
+
+def compare(sample, reference, prior, training_features, copy_threshold):
+    """Every metric for one sample of images (a Reading) against the real reference Reading."""
+    precision, recall = precision_recall(reference.features, sample.features)
+    _, distances = nearest_neighbours(sample.features, training_features)
+    return {
+        "FCD": frechet_distance(sample.features, reference.features),
+        "KID x 1000": 1000 * kernel_distance(sample.features, reference.features,
+                                             np.random.default_rng(0)),
+        "precision": precision,
+        "recall": recall,
+        "digit TV": total_variation(digit_histogram(sample.digits), prior),
+        "confident": float((sample.probabilities.max(axis=1) >= CONFIDENT).mean()),
+        "copies": float((distances < copy_threshold).mean()),
+        "NN distance": float(np.median(distances)),
+    }
+
+
+class Scorer:
+    """Scores samples of generated images against real ones; built once, reused every epoch.
+
+    The reference is N real training images. The floor is N held-out real images scored exactly
+    as generated ones are: what a generator that drew fresh real images would get.
+    """
+
+    def __init__(self, judge, training_images, training_labels, heldout_images, heldout_labels=None,
+                 num_images=10000, seed=0):
+        rng = np.random.default_rng(seed)
+        self.num_images = min(num_images, len(training_images), len(heldout_images))
+        self.judge = judge
+        self.training_images = training_images
+        self.training_features = Reading(judge, training_images).features
+        self.seed = seed
+        self.prior = digit_histogram(digits_of(training_labels))
+        reference_rows = rng.choice(len(training_images), self.num_images, replace=False)
+        heldout_rows = rng.choice(len(heldout_images), self.num_images, replace=False)
+        self.reference = Reading(judge, training_images[reference_rows])
+        self.heldout = Reading(judge, heldout_images[heldout_rows])
+        self.judge_accuracy = None
+        if heldout_labels is not None:
+            truth = digits_of(heldout_labels)[heldout_rows]
+            self.judge_accuracy = float((self.heldout.digits == truth).mean())
+        _, distances = nearest_neighbours(self.heldout.features, self.training_features)
+        self.copy_threshold = float(np.percentile(distances, 1))
+        self.floor = compare(self.heldout, self.reference, self.prior, self.training_features,
+                             self.copy_threshold)
+
+    def score(self, images):
+        """{metric: value} for generated uint8 images, and the judge's Reading of them."""
+        reading = Reading(self.judge, images)
+        return compare(reading, self.reference, self.prior, self.training_features,
+                       self.copy_threshold), reading
+
+    def protocol(self):
+        n = self.num_images
+        lines = [f"N = {n} generated images against {n} real training images; the floor scores "
+                 f"{n} held-out real images in the same way",
+                 f"features: the judge's 128 penultimate units; k = {K_NEAREST} for precision and "
+                 f"recall; KID over {KID_SUBSETS} subsets of {min(KID_SUBSET_SIZE, n)}",
+                 f"memorisation: nearest of all {len(self.training_images)} training images in "
+                 f"the judge's features; a copy is nearer than 99% of held-out images come "
+                 f"(distance {self.copy_threshold:.3g}); seed {self.seed}"]
+        if self.judge_accuracy is not None:
+            lines.append(f"the judge reads {self.judge_accuracy:.2%} of the held-out real digits correctly")
+        return lines
+
+
+# ## The report
+
+
+def write_report(scorer, scores, reading, outdir, title):
+    """score.md (the table and protocol), digit_histogram.png and nearest_neighbours.png in outdir."""
+    rows = [f"| {name} | {scores[name]:.4g} | {scorer.floor[name]:.4g} | {meaning} |"
+            for name, (_, meaning) in METRICS.items()]
+    text = "\n".join([f"# {title}", "", "| metric | generated | floor (real vs real) | meaning |",
+                      "| --- | --- | --- | --- |", *rows, "", "Protocol:", "",
+                      *[f"- {line}" for line in scorer.protocol()], "",
+                      "These figures use the judge's features, not Inception's: they are not "
+                      "comparable with published FIDs.", ""])
+    with atomic_path(outdir / "score.md") as temporary:
+        temporary.write_text(text)
+    plot_digit_histogram(scorer, reading, outdir / "digit_histogram.png")
+    plot_nearest_neighbours(scorer, reading, outdir / "nearest_neighbours.png")
+    print(text)
+
+
+def plot_digit_histogram(scorer, reading, path):
+    figure, axis = subplots(figsize=(7, 3.5))
+    width = 0.28
+    bars = {"label prior (training set)": scorer.prior,
+            "held-out real, as the judge reads them": digit_histogram(scorer.heldout.digits),
+            "generated, as the judge reads them": digit_histogram(reading.digits)}
+    for offset, (label, shares) in zip((-width, 0, width), bars.items()):
+        axis.bar(np.arange(DIGITS) + offset, shares, width, label=label)
+    axis.set(xticks=range(DIGITS), xlabel="digit", ylabel="share")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_nearest_neighbours(scorer, reading, path, shown=16):
+    """Generated images (top) above their nearest training images (below)."""
+    indices, distances = nearest_neighbours(reading.features[:shown], scorer.training_features)
+    figure, axes = subplots(2, shown, figsize=(shown * 0.9, 2.4), squeeze=False)
+    for column, (image, index, distance) in enumerate(zip(reading.images, indices, distances)):
+        axes[0, column].imshow(image)
+        axes[1, column].imshow(scorer.training_images[index])
+        axes[1, column].set_title(f"{distance:.2g}", fontsize=7)
+    for axis in axes.flat:
+        axis.axis("off")
+    figure.suptitle("generated (top) and the nearest training image in the judge's features "
+                    f"(below, with the distance; a copy is below {scorer.copy_threshold:.2g})", fontsize=9)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def history_row(scores):
+    """The scores as losses.csv columns."""
+    return {column: scores[name] for name, (column, _) in METRICS.items()}

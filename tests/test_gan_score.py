@@ -1,0 +1,124 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import gan_score
+from captcha_common import CaptchaError
+from captcha_gan import make_synthetic_svhn, read_mat, score, train
+from gan_score import Scorer, frechet_distance, load_or_train_judge
+
+N = 300  # images per side: more than the judge's 128 features, few enough for a quick test
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """Synthetic house numbers: a training file with its cached judge, a held-out file beside it
+    (found by name), and a third disjoint set to play a perfect generator."""
+    root = tmp_path_factory.mktemp("scoring")
+    for name, count, seed in (("train", 2000, 0), ("test", N, 1), ("fresh", N, 2)):
+        make_synthetic_svhn(root / f"synthetic_{name}_32x32.mat", num_images=count, seed=seed)
+    images, labels = read_mat(root / "synthetic_train_32x32.mat")
+    judge = load_or_train_judge(root / "synthetic_train_32x32.mat", images, labels, steps=300)
+    heldout, heldout_labels = read_mat(root / "synthetic_test_32x32.mat")
+    scorer = Scorer(judge, images, labels, heldout, heldout_labels, num_images=N)
+    return root, scorer
+
+
+def test_the_judge_reads_real_digits(real):
+    _, scorer = real
+    assert scorer.judge_accuracy > 0.5  # chance is 0.1
+
+
+def test_fresh_real_images_score_near_the_floor(real):
+    root, scorer = real
+    scores, _ = scorer.score(read_mat(root / "synthetic_fresh_32x32.mat")[0])
+    floor = scorer.floor
+    assert scores["FCD"] < 2 * floor["FCD"] + 0.05
+    assert abs(scores["precision"] - floor["precision"]) < 0.1
+    assert abs(scores["recall"] - floor["recall"]) < 0.1
+    assert scores["digit TV"] < floor["digit TV"] + 0.1 and scores["copies"] < 0.05
+
+
+def test_uniform_noise_scores_far_from_the_floor(real):
+    _, scorer = real
+    noise = np.random.default_rng(0).integers(0, 256, (N, 32, 32, 3), dtype=np.uint8)
+    scores, _ = scorer.score(noise)
+    assert scores["FCD"] > 10 * scorer.floor["FCD"]
+    assert scores["precision"] < 0.1 and scores["confident"] < scorer.floor["confident"] / 2
+
+
+def test_a_generator_of_one_image_shows_collapse(real):
+    root, scorer = real
+    one = np.repeat(read_mat(root / "synthetic_fresh_32x32.mat")[0][:1], N, axis=0)
+    scores, _ = scorer.score(one)
+    assert scores["digit TV"] > 0.7  # every sample reads as the same digit
+    assert scores["recall"] < 0.05
+
+
+def test_copies_of_training_images_are_flagged(real):
+    _, scorer = real
+    scores, _ = scorer.score(scorer.training_images[:N])
+    assert scores["copies"] == 1.0 and scorer.floor["copies"] < 0.05
+    assert scores["NN distance"] == pytest.approx(0, abs=1e-3)
+
+
+def test_the_judge_is_cached_beside_its_data(real, monkeypatch):
+    root, _ = real
+    images, labels = read_mat(root / "synthetic_train_32x32.mat")
+    info = json.loads((root / "synthetic_train_32x32.judge.json").read_text())
+    assert info["images"] == 2000 and len(info["data_sha256"]) == 64
+    monkeypatch.setattr(gan_score, "judge_model", lambda: pytest.fail("the judge was trained again"))
+    judge = load_or_train_judge(root / "synthetic_train_32x32.mat", images, labels)
+    assert judge.name == "judge"
+
+
+def test_other_data_gets_its_own_judge(real, tmp_path):
+    root, _ = real
+    data = tmp_path / "synthetic_train_32x32.mat"
+    make_synthetic_svhn(data, num_images=200, seed=5)
+    for suffix in (".judge.keras", ".judge.json"):  # an older judge, of other data
+        (tmp_path / f"synthetic_train_32x32{suffix}").write_bytes(
+            (root / f"synthetic_train_32x32{suffix}").read_bytes())
+    images, labels = read_mat(data)
+    load_or_train_judge(data, images, labels, steps=1)
+    info = json.loads((tmp_path / "synthetic_train_32x32.judge.json").read_text())
+    assert info["images"] == 200
+
+
+def test_too_few_images_for_the_features_is_a_clear_error(real):
+    _, scorer = real
+    features = np.random.default_rng(0).normal(size=(50, 128))
+    with pytest.raises(CaptchaError, match="more images than the 128 features"):
+        frechet_distance(features, features)
+    with pytest.raises(CaptchaError, match="more images than the 128 features"):
+        Scorer(scorer.judge, scorer.training_images, np.ones(2000), scorer.training_images[:50],
+               num_images=50)
+
+
+def test_training_scores_every_epoch_and_keeps_the_best(real, tmp_path):
+    root, _ = real
+    data = root / "synthetic_train_32x32.mat"
+    train(data, tmp_path, batch_size=100, gen_input_dim=16, epochs=2, seed=0,
+          score_every=1, score_images=N)
+    history = pd.read_csv(tmp_path / "losses.csv")
+    assert {"fcd", "kid", "precision", "recall", "digit_tv", "confident", "copies"} <= set(history.columns)
+    assert history.fcd.notna().all()
+    best = json.loads((tmp_path / "best" / "state.json").read_text())
+    assert best["fcd"] == pytest.approx(history.fcd.min())
+    assert best["epochs_done"] == int(history.epoch[history.fcd.idxmin()]) + 1
+    assert (tmp_path / "best" / "generator.weights.h5").is_file()
+
+    score(tmp_path / "best", data, num_images=N, gen_input_dim=16)
+    report = (tmp_path / "best" / "score" / "score.md").read_text()
+    assert "| FCD |" in report and "not comparable with published FIDs" in report
+    for picture in ("digit_histogram.png", "nearest_neighbours.png"):
+        assert (tmp_path / "best" / "score" / picture).stat().st_size > 0
+
+
+def test_scoring_without_held_out_images_says_what_to_give(tmp_path):
+    data = tmp_path / "mine_32x32.mat"
+    make_synthetic_svhn(data, num_images=20, seed=0)
+    with pytest.raises(CaptchaError, match="--dest_test"):
+        train(data, tmp_path / "run", epochs=1, score_every=1)
