@@ -173,6 +173,8 @@ def _model_(n_classes, lr=1e-3):
 # The whole-image model sees all of the CAPTCHA, so a character that crosses a slice border, or
 # that only its width and spacing tell apart (0/O, 1/I), is read in context. Four small conv
 # blocks shrink 40x100 to 2x6; one dense layer then gives a softmax per character position.
+# While training it sees CAPTCHAs shifted by up to 2 px down and 3 px across and zoomed by up to
+# 5%; the random layers do nothing when it reads.
 
 
 def whole_image_model(n_classes, lr=1e-3):
@@ -298,10 +300,11 @@ def arch_of(model, model_path=None):
                        f"nor a 40x100x1 CAPTCHA to 4x{len(CHARSET)}")
 
 
-def read_captchas(model, images, batch_size=1024):
-    """The 4-character text of each (N, 40, 100, 1) uint8 CAPTCHA, read in large batches."""
+def read_captchas(model, images, batch_size=256):
+    """The 4-character text of each (N, 40, 100, 1) uint8 CAPTCHA, batch_size CAPTCHAs at a time."""
     inputs, _ = arch_view(arch_of(model), images)
-    probabilities = model.predict(scale(inputs), batch_size=batch_size, verbose=0)
+    per_captcha = len(inputs) // len(images)
+    probabilities = model.predict(scale(inputs), batch_size=batch_size * per_captcha, verbose=0)
     codes = probabilities.argmax(axis=-1).reshape(-1, CAPTCHA_LENGTH)
     alphabet = np.array(list(CHARSET))
     return ["".join(row) for row in alphabet[codes]]
