@@ -524,8 +524,10 @@ def heldout_path(dest_train, dest_test=None):
     guess = train_path.with_name(train_path.name.replace("train", "test"))
     if guess != train_path and guess.is_file():
         return guess
-    raise CaptchaError(f"scoring needs held-out real images: give --dest_test (SVHN's test_32x32.mat, from "
-                       f"`download-svhn --test True`, or a synthetic set drawn with another --seed)")
+    looked = f" (no {guess.name} beside the training file)" if guess != train_path else ""
+    raise CaptchaError(f"scoring needs held-out real images{looked}: give --dest_test (SVHN's "
+                       "test_32x32.mat, from `download-svhn --test True`, or a synthetic set drawn "
+                       "with another --seed)")
 
 
 def build_scorer(dest_train, dest_test=None, num_images=10000, seed=0):
