@@ -437,12 +437,13 @@ def train(dest_train, outdir, dir_flag=False, batch_size=100, gen_input_dim=100,
     with score_every=K the scores of `score` every K epochs, keeping the best in outdir/best."""
     _checked_settings(batch_size, epochs, dis_input_dim)
     checked_whole_number("score_every", score_every)
-    images = read_data(dest_train, dir_flag)
-    if images.shape[1:] != IMAGE_SHAPE:
-        raise CaptchaError(f"{dest_train}: images are {images.shape[1:]}, the networks need {IMAGE_SHAPE}")
     if score_every and dir_flag:
         raise CaptchaError("--score_every needs labelled digits: a .mat file, not a folder (--dir_flag)")
-    scorer = build_scorer(dest_train, dest_test, score_images, seed or 0) if score_every else None
+    images, labels = read_mat(dest_train) if score_every else (read_data(dest_train, dir_flag), None)
+    if images.shape[1:] != IMAGE_SHAPE:
+        raise CaptchaError(f"{dest_train}: images are {images.shape[1:]}, the networks need {IMAGE_SHAPE}")
+    scorer = (build_scorer(dest_train, images, labels, dest_test, score_images, seed or 0)
+              if score_every else None)
     outdir = ensure_dir(outdir)
     if seed is not None:
         keras.utils.set_random_seed(seed)
@@ -530,9 +531,10 @@ def heldout_path(dest_train, dest_test=None):
                        "with another --seed)")
 
 
-def build_scorer(dest_train, dest_test=None, num_images=10000, seed=0):
+def build_scorer(dest_train, training_images, training_labels, dest_test=None, num_images=10000,
+                 seed=0):
+    """A Scorer for the images of dest_train, already read, and their labels."""
     checked_whole_number("num_images", num_images, 1)
-    training_images, training_labels = read_mat(dest_train)
     if training_labels is None:
         raise CaptchaError(f"{dest_train} has no labels (y): the judge needs labelled digits")
     heldout_images, heldout_labels = read_mat(heldout_path(dest_train, dest_test))
@@ -549,7 +551,7 @@ def score(model_dir, dest_train, dest_test=None, outdir=None, num_images=10000, 
     """Score a trained generator against real images; writes score.md and two PNGs to outdir
     (model_dir/score by default)."""
     g = load_generator(model_dir, gen_input_dim, alpha)
-    scorer = build_scorer(dest_train, dest_test, num_images, seed)
+    scorer = build_scorer(dest_train, *read_mat(dest_train), dest_test, num_images, seed)
     scores, reading = scorer.score(to_uint8(sample_images(g, scorer.num_images, seed)))
     outdir = ensure_dir(outdir or Path(str(model_dir)) / "score")
     gan_score.write_report(scorer, scores, reading, outdir, f"Scores of {model_dir}")

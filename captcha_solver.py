@@ -127,7 +127,7 @@ class DataGenerator(keras.utils.PyDataset):
         super().__init__(**kwargs)
         images, labels = load_captchas(list_captchas(dest), dim)
         self.inputs, self.labels = arch_view(arch, images, labels)
-        self.batch_size = batch_size * (CAPTCHA_LENGTH if arch == "book" else 1)
+        self.batch_size = batch_size * (len(self.inputs) // len(images))  # inputs per CAPTCHA
         self.shuffle = shuffle
         self.rng = np.random.default_rng(seed)
         self.on_epoch_end()

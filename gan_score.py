@@ -23,7 +23,6 @@ from keras import layers
 
 from captcha_common import CaptchaError, atomic_path, save_figure, subplots
 
-IMAGE_SHAPE = (32, 32, 3)
 DIGITS = 10
 CONFIDENT = 0.9
 K_NEAREST = 3
@@ -35,8 +34,8 @@ JUDGE_STEPS = 1500
 # SVHN labels a zero as 10; the judge's classes are the digits 0-9.
 
 
-def judge_model():
-    inputs = keras.Input(IMAGE_SHAPE)
+def judge_model(image_shape):
+    inputs = keras.Input(image_shape)
     x = layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
     for filters in (32, 64, 128):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
@@ -77,7 +76,7 @@ def load_or_train_judge(data_path, images, labels, seed=0, verbose=0, steps=JUDG
             return keras.models.load_model(model_path)
     print(f"Training the judge on {len(images)} labelled images of {data_path.name} (once; cached)")
     keras.utils.set_random_seed(seed)
-    judge = judge_model()
+    judge = judge_model(images.shape[1:])
     epochs = math.ceil(steps / math.ceil(len(images) / 128))
     judge.fit(images, digits_of(labels), batch_size=128, epochs=epochs, shuffle=True, verbose=verbose)
     with atomic_path(model_path) as temporary:
@@ -88,16 +87,27 @@ def load_or_train_judge(data_path, images, labels, seed=0, verbose=0, steps=JUDG
     return judge
 
 
+def judge_reader(judge):
+    """The judge with two outputs: its penultimate features and its digit probabilities."""
+    return keras.Model(judge.inputs, [judge.get_layer("features").output, judge.outputs[0]])
+
+
 class Reading:
     """What the judge makes of a set of images: penultimate features and digit probabilities."""
 
-    def __init__(self, judge, images):
-        both = keras.Model(judge.inputs, [judge.get_layer("features").output, judge.outputs[0]])
-        features, probabilities = both.predict(images, batch_size=500, verbose=0)
+    def __init__(self, images, features, probabilities):
         self.images = images
-        self.features = features.astype(np.float64)
+        self.features = features
         self.probabilities = probabilities
         self.digits = probabilities.argmax(axis=1)
+
+    @classmethod
+    def of(cls, reader, images):
+        features, probabilities = reader.predict(images, batch_size=500, verbose=0)
+        return cls(images, features.astype(np.float64), probabilities)
+
+    def take(self, rows):
+        return Reading(self.images[rows], self.features[rows], self.probabilities[rows])
 
 
 # ## The metrics
@@ -145,7 +155,10 @@ def _pairwise_distances(a, b, chunk=1000):
         yield slice(start, start + len(block)), np.sqrt(np.maximum(squared, 0))
 
 
-def _kth_neighbour_radii(a, k):
+def manifold_radii(a, k=K_NEAREST):
+    """Each point's distance to its k-th nearest neighbour: the balls whose union is the manifold."""
+    if len(a) <= k:
+        raise CaptchaError(f"precision and recall need more than {k} images on each side")
     radii = np.empty(len(a))
     for rows, distances in _pairwise_distances(a, a):
         radii[rows] = np.partition(distances, k, axis=1)[:, k]  # column 0 is the point itself
@@ -160,13 +173,11 @@ def _share_inside(points, centres, radii):
     return float(inside.mean())
 
 
-def precision_recall(real, fake, k=K_NEAREST):
+def precision_recall(real, real_radii, fake):
     """Kynkaanniemi et al. (2019): precision is the share of fakes inside the real k-NN manifold,
     recall the share of reals inside the fake one."""
-    if min(len(real), len(fake)) <= k:
-        raise CaptchaError(f"precision and recall need more than {k} images on each side")
-    precision = _share_inside(fake, real, _kth_neighbour_radii(real, k))
-    recall = _share_inside(real, fake, _kth_neighbour_radii(fake, k))
+    precision = _share_inside(fake, real, real_radii)
+    recall = _share_inside(real, fake, manifold_radii(fake))
     return precision, recall
 
 
@@ -203,23 +214,6 @@ METRICS = {  # name: (column in losses.csv, how to read it)
 }
 
 
-def compare(sample, reference, prior, training_features, copy_threshold):
-    """Every metric for one sample of images (a Reading) against the real reference Reading."""
-    precision, recall = precision_recall(reference.features, sample.features)
-    _, distances = nearest_neighbours(sample.features, training_features)
-    return {
-        "FCD": frechet_distance(sample.features, reference.features),
-        "KID x 1000": 1000 * kernel_distance(sample.features, reference.features,
-                                             np.random.default_rng(0)),
-        "precision": precision,
-        "recall": recall,
-        "digit TV": total_variation(digit_histogram(sample.digits), prior),
-        "confident": float((sample.probabilities.max(axis=1) >= CONFIDENT).mean()),
-        "copies": float((distances < copy_threshold).mean()),
-        "NN distance": float(np.median(distances)),
-    }
-
-
 class Scorer:
     """Scores samples of generated images against real ones; built once, reused every epoch.
 
@@ -231,29 +225,44 @@ class Scorer:
                  num_images=10000, seed=0):
         rng = np.random.default_rng(seed)
         self.num_images = min(num_images, len(training_images), len(heldout_images))
-        self.judge = judge
-        self.training_images = training_images
-        self.training_features = Reading(judge, training_images).features
         self.seed = seed
+        self.reader = judge_reader(judge)
+        self.training = Reading.of(self.reader, training_images)
         self.prior = digit_histogram(digits_of(training_labels))
         reference_rows = rng.choice(len(training_images), self.num_images, replace=False)
         heldout_rows = rng.choice(len(heldout_images), self.num_images, replace=False)
-        self.reference = Reading(judge, training_images[reference_rows])
-        self.heldout = Reading(judge, heldout_images[heldout_rows])
+        self.reference = self.training.take(reference_rows)
+        self.reference_radii = manifold_radii(self.reference.features)
+        self.heldout = Reading.of(self.reader, heldout_images[heldout_rows])
         self.judge_accuracy = None
         if heldout_labels is not None:
             truth = digits_of(heldout_labels)[heldout_rows]
             self.judge_accuracy = float((self.heldout.digits == truth).mean())
-        _, distances = nearest_neighbours(self.heldout.features, self.training_features)
+        _, distances = nearest_neighbours(self.heldout.features, self.training.features)
         self.copy_threshold = float(np.percentile(distances, 1))
-        self.floor = compare(self.heldout, self.reference, self.prior, self.training_features,
-                             self.copy_threshold)
+        self.floor = self.compare(self.heldout)
 
     def score(self, images):
         """{metric: value} for generated uint8 images, and the judge's Reading of them."""
-        reading = Reading(self.judge, images)
-        return compare(reading, self.reference, self.prior, self.training_features,
-                       self.copy_threshold), reading
+        reading = Reading.of(self.reader, images)
+        return self.compare(reading), reading
+
+    def compare(self, sample):
+        """Every metric for one sample of images (a Reading) against the real reference."""
+        precision, recall = precision_recall(self.reference.features, self.reference_radii,
+                                             sample.features)
+        _, distances = nearest_neighbours(sample.features, self.training.features)
+        return {
+            "FCD": frechet_distance(sample.features, self.reference.features),
+            "KID x 1000": 1000 * kernel_distance(sample.features, self.reference.features,
+                                                 np.random.default_rng(0)),
+            "precision": precision,
+            "recall": recall,
+            "digit TV": total_variation(digit_histogram(sample.digits), self.prior),
+            "confident": float((sample.probabilities.max(axis=1) >= CONFIDENT).mean()),
+            "copies": float((distances < self.copy_threshold).mean()),
+            "NN distance": float(np.median(distances)),
+        }
 
     def protocol(self):
         n = self.num_images
@@ -261,7 +270,7 @@ class Scorer:
                  f"{n} held-out real images in the same way",
                  f"features: the judge's 128 penultimate units; k = {K_NEAREST} for precision and "
                  f"recall; KID over {KID_SUBSETS} subsets of {min(KID_SUBSET_SIZE, n)}",
-                 f"memorisation: nearest of all {len(self.training_images)} training images in "
+                 f"memorisation: nearest of all {len(self.training.images)} training images in "
                  f"the judge's features; a copy is nearer than 99% of held-out images come "
                  f"(distance {self.copy_threshold:.3g}); seed {self.seed}"]
         if self.judge_accuracy is not None:
@@ -304,11 +313,11 @@ def plot_digit_histogram(scorer, reading, path):
 
 def plot_nearest_neighbours(scorer, reading, path, shown=16):
     """Generated images (top) above their nearest training images (below)."""
-    indices, distances = nearest_neighbours(reading.features[:shown], scorer.training_features)
+    indices, distances = nearest_neighbours(reading.features[:shown], scorer.training.features)
     figure, axes = subplots(2, shown, figsize=(shown * 0.9, 2.4), squeeze=False)
     for column, (image, index, distance) in enumerate(zip(reading.images, indices, distances)):
         axes[0, column].imshow(image)
-        axes[1, column].imshow(scorer.training_images[index])
+        axes[1, column].imshow(scorer.training.images[index])
         axes[1, column].set_title(f"{distance:.2g}", fontsize=7)
     for axis in axes.flat:
         axis.axis("off")

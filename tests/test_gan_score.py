@@ -59,7 +59,7 @@ def test_a_generator_of_one_image_shows_collapse(real):
 
 def test_copies_of_training_images_are_flagged(real):
     _, scorer = real
-    scores, _ = scorer.score(scorer.training_images[:N])
+    scores, _ = scorer.score(scorer.training.images[:N])
     assert scores["copies"] == 1.0 and scorer.floor["copies"] < 0.05
     assert scores["NN distance"] == pytest.approx(0, abs=1e-3)
 
@@ -69,7 +69,7 @@ def test_the_judge_is_cached_beside_its_data(real, monkeypatch):
     images, labels = read_mat(root / "synthetic_train_32x32.mat")
     info = json.loads((root / "synthetic_train_32x32.judge.json").read_text())
     assert info["images"] == 2000 and len(info["data_sha256"]) == 64
-    monkeypatch.setattr(gan_score, "judge_model", lambda: pytest.fail("the judge was trained again"))
+    monkeypatch.setattr(gan_score, "judge_model", lambda *args: pytest.fail("the judge was trained again"))
     judge = load_or_train_judge(root / "synthetic_train_32x32.mat", images, labels)
     assert judge.name == "judge"
 
@@ -88,13 +88,14 @@ def test_other_data_gets_its_own_judge(real, tmp_path):
 
 
 def test_too_few_images_for_the_features_is_a_clear_error(real):
-    _, scorer = real
+    root, _ = real
     features = np.random.default_rng(0).normal(size=(50, 128))
     with pytest.raises(CaptchaError, match="more images than the 128 features"):
         frechet_distance(features, features)
+    images, labels = read_mat(root / "synthetic_train_32x32.mat")
+    judge = load_or_train_judge(root / "synthetic_train_32x32.mat", images, labels)
     with pytest.raises(CaptchaError, match="more images than the 128 features"):
-        Scorer(scorer.judge, scorer.training_images, np.ones(2000), scorer.training_images[:50],
-               num_images=50)
+        Scorer(judge, images, labels, images[:50], num_images=50)
 
 
 def test_training_scores_every_epoch_and_keeps_the_best(real, tmp_path):
