@@ -1,0 +1,51 @@
+"""The benchmarks run end to end at a tiny size and print every figure; their speed is not checked here."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script, *args):
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *args],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def ratio(output, label):
+    match = re.search(rf"{re.escape(label)} *: ([0-9.]+)x", output)
+    assert match, f"no {label!r} line in:\n{output}"
+    return float(match.group(1))
+
+
+def test_bench_solver_reports_every_variant_and_ratio():
+    output = run_bench("bench_solver.py", "--num_eval", "20", "--num_train", "64",
+                       "--book_eval", "2", "--repeats", "1")
+    for label in ("(a) book: predict per slice (2)", "(a) ours: evaluate (20)",
+                  "(c) whole-image: evaluate (20)", "(b) book: disk DataGenerator epoch",
+                  "(b) ours: in-memory epoch", "(b) book: an epoch's batches",
+                  "(b) ours: an epoch's batches"):
+        row = next(line for line in output.splitlines() if line.startswith(label))
+        rate, seconds, peak_mib = map(float, row[len(label):].split())
+        assert rate > 0 and seconds >= 0 and peak_mib > 100  # seconds print rounded to 0.01
+    for label in ("(a) evaluation speed-up", "(b) training-epoch speed-up", "(b) data per epoch"):
+        assert ratio(output, label) > 0
+
+
+def test_bench_generate_reports_both_loops():
+    output = run_bench("bench_generate.py", "--num_captchas", "8", "--workers", "2")
+    assert re.search(r"book serial loop : +[0-9.]+ CAPTCHAs/s", output)
+    assert re.search(r"generate_captcha : +[0-9.]+ CAPTCHAs/s", output)
+    assert ratio(output, "speed-up") > 0
+
+
+def test_bench_gan_reports_both_loops():
+    output = run_bench("bench_gan.py", "--steps", "2", "--batch_size", "8", "--warmup", "1",
+                       "--repeats", "1")
+    for label in ("book: predict + 3 x train_on_batch", "ours: one compiled step"):
+        row = next(line for line in output.splitlines() if line.startswith(label))
+        steps_per_second, seconds_per_step, peak_mib = map(float, row[len(label):].split())
+        assert steps_per_second > 0 and seconds_per_step > 0 and peak_mib > 100
+    assert ratio(output, "speed-up") > 0
