@@ -4,7 +4,7 @@
 # ./run.sh bench  set up, then run the speed benchmarks against the book's code
 set -euo pipefail
 cd "$(dirname "$0")"
-scripts/setup.sh
+scripts/setup.sh "${1:-}"
 PY=.venv/bin/python
 DEMO=data/demo
 

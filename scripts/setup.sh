@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Make the checkout ready to run: .venv with requirements.txt, and the DancingScript font.
+# scripts/setup.sh test installs requirements-test.txt instead, which adds what the tests need.
 # Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,10 +27,12 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 
-stamp=.venv/.requirements.installed
-if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
-  echo "setup: installing requirements.txt into .venv"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+requirements=requirements.txt
+if [ "${1:-}" = test ]; then requirements=requirements-test.txt; fi
+stamp=.venv/.$requirements.installed
+if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ "$requirements" -nt "$stamp" ]; then
+  echo "setup: installing $requirements into .venv"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$requirements"
   touch "$stamp"
 fi
 

@@ -355,7 +355,6 @@ def test_bad_input_on_the_command_line_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("arch", ["book", "whole"])
 def test_the_jax_backend_trains_and_evaluates(arch, captchas, tmp_path):
-    pytest.importorskip("jax", reason="the JAX check needs `pip install jax` in .venv")
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     common = dict(capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     script, captcha_dir = str(REPO / "captcha_solver.py"), captchas / "test"
