@@ -1,4 +1,5 @@
 """The benchmarks run end to end at a tiny size and print every figure; their speed is not checked here."""
+import json
 import re
 import subprocess
 import sys
@@ -49,3 +50,12 @@ def test_bench_gan_reports_both_loops():
         steps_per_second, seconds_per_step, peak_mib = map(float, row[len(label):].split())
         assert steps_per_second > 0 and seconds_per_step > 0 and peak_mib > 100
     assert ratio(output, "speed-up") > 0
+
+
+def test_a_variant_reports_its_own_peak_memory_not_its_parents():
+    parent_ballast = bytearray(600 * 2**20)
+    parent_ballast[::4096] = b"\1" * len(parent_ballast[::4096])  # touch every page
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from bench.variants import report; report(1.0)"
+    result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True,
+                            check=True)
+    assert json.loads(result.stdout)["peak_mib"] < 300
