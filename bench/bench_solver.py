@@ -106,35 +106,39 @@ def draw_epoch(generator):
 
 def run_variant(variant, data, book_eval):
     """One measurement, in this process; prints a JSON line."""
-    import keras
-
     import captcha_solver as ours
 
-    model_path = Path(data) / "untrained.keras"
+    data = Path(data)
+    if variant.endswith("_eval"):
+        return evaluate_variant(ours, variant, data, book_eval)
+    start = time.perf_counter()
+    if variant.startswith("book_"):
+        generator = book_data_generator(str(data / "train"), 16, book_load_img)
+    else:
+        generator = ours.DataGenerator(data / "train", batch_size=16)
+    count = len(os.listdir(data / "train"))
+    build = time.perf_counter() - start
+    if variant.endswith("_data"):
+        return report(draw_epoch(generator), count=count, build=build)
+    history = ours._model_(36).fit(generator, epochs=2, callbacks=[ours.EpochSeconds()], verbose=0)
+    first, second = history.history["seconds"]
+    report(second, count=count, first=build + first)
+
+
+def evaluate_variant(ours, variant, data, book_eval):
+    import keras
+
     start = time.perf_counter()
     if variant == "book_eval":
-        model = keras.models.load_model(model_path)
-        files = sorted(os.listdir(Path(data) / "eval"))[:book_eval]
+        model = keras.models.load_model(data / "untrained.keras")
+        files = sorted(os.listdir(data / "eval"))[:book_eval]
         _, index_to_char = ours.create_dict_char_to_index()
-        book_evaluate(model, str(Path(data) / "eval"), files, index_to_char, book_load_img)
+        book_evaluate(model, str(data / "eval"), files, index_to_char, book_load_img)
         count = len(files)
-    elif variant in ("ours_eval", "whole_eval"):
-        if variant == "whole_eval":
-            model_path = Path(data) / "untrained_whole.keras"
-        ours.evaluate(model_path, Path(data) / "eval", Path(data) / f"{variant}_out")
-        count = len(os.listdir(Path(data) / "eval"))
     else:
-        if variant.startswith("book_"):
-            generator = book_data_generator(str(Path(data) / "train"), 16, book_load_img)
-        else:
-            generator = ours.DataGenerator(Path(data) / "train", batch_size=16)
-        count = len(os.listdir(Path(data) / "train"))
-        build = time.perf_counter() - start
-        if variant.endswith("_data"):
-            return report(draw_epoch(generator), count=count, build=build)
-        history = ours._model_(36).fit(generator, epochs=2, callbacks=[ours.EpochSeconds()], verbose=0)
-        first, second = history.history["seconds"]
-        return report(second, count=count, first=build + first)
+        model_path = data / ("untrained_whole.keras" if variant == "whole_eval" else "untrained.keras")
+        ours.evaluate(model_path, data / "eval", data / f"{variant}_out")
+        count = len(os.listdir(data / "eval"))
     report(time.perf_counter() - start, count=count)
 
 
