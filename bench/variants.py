@@ -11,9 +11,13 @@ def peak_mib():
     variant would report its parent's peak when that is higher; VmHWM starts afresh at exec."""
     try:
         with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+            high_water_kib = next((int(line.split()[1]) for line in status
+                                   if line.startswith("VmHWM:")), None)
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        high_water_kib = None
+    if high_water_kib is None:
+        high_water_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return high_water_kib / 1024
 
 
 def report(seconds, **extra):
