@@ -1,8 +1,10 @@
 """What the chapter's scripts share: the alphabet, the label rule, the font, reading images, safe writes, figures, the CLI."""
+import json
 import os
 import sys
 import uuid
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import fire
@@ -40,10 +42,6 @@ def label_from_filename(filename):
     return name
 
 
-def is_valid_label(label):
-    return len(label) == CAPTCHA_LENGTH and all(c in CHARSET for c in label)
-
-
 def checked_whole_number(name, value, minimum=0):
     """value as an int, or a one-line error naming the --option: fire passes '1.5' or 'abc' through."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -51,12 +49,107 @@ def checked_whole_number(name, value, minimum=0):
     return value
 
 
-def checked_label(filename):
-    label = label_from_filename(filename)
-    if not is_valid_label(label):
-        raise CaptchaError(
-            f"{filename}: label {label!r} is not {CAPTCHA_LENGTH} characters of A-Z0-9"
-        )
+# ## CAPTCHA formats
+#
+# A format is what a family of CAPTCHAs is made of: its alphabet, its case rule, its lengths and the
+# size a model reads it at. The book's is 4 characters of A-Z0-9, case-insensitive, read at 100x40
+# grayscale. Labels never hold '_' or '.', which end a label in a file name.
+
+CHARSETS = {
+    "digits": DIGITS,
+    "upper": LETTERS,
+    "lower": LETTERS.lower(),
+    "alnum_upper": CHARSET,  # the book's order
+    "alnum_lower": DIGITS + LETTERS.lower(),
+    "alnum": DIGITS + LETTERS + LETTERS.lower(),
+}
+
+
+def charset_from(value):
+    """An alphabet: a name from CHARSETS, or the characters themselves ('0123456789abcdef')."""
+    chars = CHARSETS.get(str(value), str(value))
+    if not chars:
+        raise CaptchaError("--charset is empty: give a name "
+                           f"({', '.join(CHARSETS)}) or the characters themselves")
+    unusable = sorted({c for c in chars if not c.isprintable() or c.isspace() or c in "_./\\"})
+    if unusable:
+        raise CaptchaError(f"--charset {value!r} holds characters a file-name label can't: {unusable}")
+    if len(set(chars)) < len(chars):
+        raise CaptchaError(f"--charset {value!r} names a character twice")
+    return chars
+
+
+def lengths_from(value):
+    """(shortest, longest) from --length: 4, '4' or a range such as '4-6'."""
+    text = str(value).strip()
+    low, _, high = text.partition("-")
+    try:
+        shortest, longest = int(low), int(high or low)
+    except ValueError:
+        raise CaptchaError(f"--length must be a number or a range such as 4-6, got {value!r}") from None
+    if shortest < 1 or longest > 32:
+        raise CaptchaError(f"--length must lie within 1-32, got {value!r}")
+    if shortest > longest:
+        raise CaptchaError(f"--length range {value!r} is backwards: write {longest}-{shortest}")
+    return shortest, longest
+
+
+@dataclass(frozen=True)
+class CaptchaFormat:
+    charset: str = CHARSET
+    min_length: int = CAPTCHA_LENGTH
+    max_length: int = CAPTCHA_LENGTH
+    height: int = 40
+    width: int = 100
+    channels: int = 1
+    case_sensitive: bool = False
+
+    def __post_init__(self):
+        letters = [c for c in self.charset if c.isalpha()]
+        if not self.case_sensitive and any(c.isupper() for c in letters) and any(c.islower() for c in letters):
+            raise CaptchaError("a charset with both upper- and lowercase letters needs --case_sensitive True")
+
+    @classmethod
+    def from_json(cls, text):
+        return cls(**json.loads(text))
+
+    def to_json(self):
+        return json.dumps(asdict(self))
+
+    @property
+    def variable_length(self):
+        return self.min_length != self.max_length
+
+    @property
+    def dim(self):
+        return (self.height, self.width, self.channels)
+
+    def normalised(self, label):
+        """A label as this format compares it: case-insensitive formats fold to their alphabet's case."""
+        if self.case_sensitive:
+            return label
+        return label.lower() if any(c.islower() for c in self.charset) else label.upper()
+
+    def fits(self, label):
+        return self.min_length <= len(label) <= self.max_length and all(c in self.charset for c in label)
+
+    def describe(self):
+        lengths = (f"{self.min_length}" if not self.variable_length
+                   else f"{self.min_length}-{self.max_length}")
+        case = "case-sensitive" if self.case_sensitive else "case-insensitive"
+        return (f"{lengths} characters of {self.charset!r} ({case}), read at "
+                f"{self.width}x{self.height}x{self.channels}")
+
+
+BOOK_FORMAT = CaptchaFormat()
+
+
+def checked_label(filename, captcha_format=BOOK_FORMAT):
+    """The label of a file, normalised by the format, or one line naming the file that doesn't fit."""
+    label = captcha_format.normalised(label_from_filename(filename))
+    if not captcha_format.fits(label):
+        raise CaptchaError(f"{filename}: label {label!r} does not fit the format: "
+                           f"{captcha_format.describe()}")
     return label
 
 

@@ -6,11 +6,14 @@ import captcha_common
 from captcha_common import (
     CHARSET,
     CaptchaError,
+    CaptchaFormat,
     atomic_path,
+    charset_from,
     checked_label,
     find_font,
     is_image_file,
     label_from_filename,
+    lengths_from,
 )
 
 
@@ -30,10 +33,54 @@ def test_charset_is_the_books_class_order():
     assert CHARSET == "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
-@pytest.mark.parametrize("name", ["26U.png", "26URX.png", "26ur.png", "26-R.png", "_26UR.png"])
+@pytest.mark.parametrize("name", ["26U.png", "26URX.png", "26-R.png", "_26UR.png", "26ÜR.png"])
 def test_bad_labels_are_named_in_the_error(name):
     with pytest.raises(CaptchaError, match=name):
         checked_label(name)
+
+
+def test_the_books_format_is_case_insensitive_and_a_case_sensitive_one_is_not():
+    assert checked_label("26ur.png") == "26UR"
+    lower = CaptchaFormat(charset_from("alnum_lower"), 4, 6, case_sensitive=True)
+    assert checked_label("26ur_1.png", lower) == "26ur"
+    assert checked_label("abcdef.png", lower) == "abcdef"
+    with pytest.raises(CaptchaError, match="26UR.png"):
+        checked_label("26UR.png", lower)
+    with pytest.raises(CaptchaError, match="abcdefg.png"):
+        checked_label("abcdefg.png", lower)
+
+
+@pytest.mark.parametrize("name, chars", [
+    ("digits", "0123456789"), ("alnum_upper", CHARSET), ("0123456789abcdef", "0123456789abcdef"),
+])
+def test_charsets_by_name_or_by_their_characters(name, chars):
+    assert charset_from(name) == chars
+
+
+@pytest.mark.parametrize("value, message", [
+    ("", "empty"), ("AB_C", "'_'"), ("AAB", "twice"), ("AB C", "' '"),
+])
+def test_bad_charsets_are_one_line_errors(value, message):
+    with pytest.raises(CaptchaError, match=message):
+        charset_from(value)
+
+
+@pytest.mark.parametrize("value, lengths", [(4, (4, 4)), ("4", (4, 4)), ("4-6", (4, 6))])
+def test_lengths_are_a_number_or_a_range(value, lengths):
+    assert lengths_from(value) == lengths
+
+
+@pytest.mark.parametrize("value, message", [("6-4", "backwards"), ("0", "1-32"), ("x", "range")])
+def test_bad_lengths_are_one_line_errors(value, message):
+    with pytest.raises(CaptchaError, match=message):
+        lengths_from(value)
+
+
+def test_a_format_round_trips_through_json_and_refuses_mixed_case_without_case_sensitivity():
+    fmt = CaptchaFormat(charset_from("alnum_lower"), 4, 6, 60, 160, 3, True)
+    assert CaptchaFormat.from_json(fmt.to_json()) == fmt
+    with pytest.raises(CaptchaError, match="case_sensitive"):
+        CaptchaFormat(charset_from("alnum"))
 
 
 @pytest.mark.parametrize("name, is_image", [
