@@ -1,6 +1,7 @@
 """Break CAPTCHAs with a CNN. The book's model (`--arch book`, the default) cuts each 100x40
 grayscale CAPTCHA into four 25x40 slices, and one small CNN reads each slice as one of 36
-characters. `--arch whole` sees the whole CAPTCHA and reads its four characters at once.
+characters. `--arch whole` sees the whole CAPTCHA and reads all its characters at once; it reads
+any format (alphabet, case rule, lengths, size), which the model file carries.
 
     python captcha_solver.py train --dest_train data/train --dest_val data/val --outdir runs/book \
         --batch_size 16 --lr 1e-3 --epochs 20 --n_classes 36 --shuffle True --dim '(40,100,1)'
@@ -8,13 +9,19 @@ characters. `--arch whole` sees the whole CAPTCHA and reads its four characters 
         --eval_dest data/test --outdir runs/book
     python captcha_solver.py train --arch whole --dest_train data/train --dest_val data/val \
         --outdir runs/whole --batch_size 64 --lr 2e-3 --epochs 8 --schedule cosine
+    python captcha_solver.py train --arch whole --dest_train data/ic/train --dest_val data/ic/val \
+        --outdir runs/ic --charset alnum_lower --length 4-6 --case_sensitive True --dim '(48,128,1)'
     python captcha_solver.py predict data/test/26UR.png
+    python captcha_solver.py export --model_path runs/ic/captcha_breaker.keras --format onnx
 """
 import os
 import time
 import warnings
+import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from itertools import zip_longest
 from pathlib import Path
 
 import cv2
@@ -26,13 +33,19 @@ import keras  # noqa: E402
 from keras import layers  # noqa: E402
 
 from captcha_common import (
+    BOOK_FORMAT,
     CAPTCHA_LENGTH,
     CHARSET,
+    CHARSETS,
     CaptchaError,
+    CaptchaFormat,
     atomic_path,
+    charset_from,
     checked_label,
     ensure_dir,
     is_image_file,
+    label_from_filename,
+    lengths_from,
     progress_verbosity,
     read_image,
     run_cli,
@@ -44,19 +57,21 @@ MODELS = Path(__file__).resolve().parent / "models"
 BOOK_MODEL = MODELS / "captcha_breaker.keras"  # the book's network, trained to the book's figures
 DEFAULT_MODEL = MODELS / "whole_image_cnn.keras"  # the best reader, which predict uses
 MODEL_FILE = "captcha_breaker.keras"
-BOOK_DIM = (40, 100, 1)
+BOOK_DIM = BOOK_FORMAT.dim
 SLICE_SHAPE = (40, 25, 1)
+FORMAT_ENTRY = "captcha_format.json"  # the format, stored in the .keras zip beside Keras's own files
 
 # ## Data
 #
 # Every CAPTCHA is decoded once, as uint8, and kept in memory: 16,000 of them
-# take 64 MB. Scaling to [0, 1] happens per batch.
+# take 64 MB. Scaling to [0, 1] happens per batch. Labels are class numbers, one per position;
+# a variable-length format pads them with one more class, "end", after the last character.
 
 
-def load_img(path, dim=(100, 40)):
-    """One CAPTCHA as a (height, width, 1) uint8 grayscale array, resized to dim = (width, height)."""
-    img = cv2.resize(read_image(path, grayscale=True), dim)
-    return img.reshape((dim[1], dim[0], 1))
+def load_img(path, dim=(100, 40), channels=1):
+    """One CAPTCHA as a (height, width, channels) uint8 array, resized to dim = (width, height)."""
+    img = cv2.resize(read_image(path, grayscale=channels == 1), dim)
+    return img.reshape((dim[1], dim[0], channels))
 
 
 def create_dict_char_to_index():
@@ -81,15 +96,39 @@ def list_captchas(dest):
     return [folder / name for name in images]
 
 
-def load_captchas(files, dim=BOOK_DIM, with_labels=True):
-    """Decode files in parallel into (N, height, width, 1) uint8 images and (N, 4) class labels."""
-    height, width, _ = dim
+def fitting_files(files, captcha_format, skip_bad_labels=False):
+    """The files whose labels fit the format: one that doesn't stops with a line naming it, or,
+    with skip_bad_labels, is left out and counted."""
+    fitting = [f for f in files if captcha_format.fits(captcha_format.normalised(label_from_filename(f)))]
+    if len(fitting) == len(files):
+        return files
+    if not skip_bad_labels:
+        checked_label(next(f for f in files if f not in fitting), captcha_format)
+    print(f"skipped {len(files) - len(fitting)} of {len(files)} files whose labels do not fit the "
+          f"format: {captcha_format.describe()}")
+    if not fitting:
+        raise CaptchaError("no file left to read: every label is outside the format")
+    return fitting
+
+
+def encode_labels(labels, captcha_format):
+    """(N, max_length) class numbers; positions after a shorter label hold the end class."""
+    index = {char: code for code, char in enumerate(captcha_format.charset)}
+    codes = np.full((len(labels), captcha_format.max_length), len(index), np.int32)
+    for row, label in zip(codes, labels):
+        row[:len(label)] = [index[c] for c in label]
+    return codes
+
+
+def load_captchas(files, captcha_format=BOOK_FORMAT, with_labels=True):
+    """Decode files in parallel into (N, height, width, channels) uint8 images and their
+    (N, max_length) class labels."""
+    height, width, channels = captcha_format.dim
     labels = None
     if with_labels:
-        char_to_index, _ = create_dict_char_to_index()
-        labels = np.array([[char_to_index[c] for c in checked_label(f)] for f in files], np.int32)
+        labels = encode_labels([checked_label(f, captcha_format) for f in files], captcha_format)
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # cv2 releases the GIL while decoding
-        images = np.stack(list(pool.map(lambda f: load_img(f, (width, height)), files)))
+        images = np.stack(list(pool.map(lambda f: load_img(f, (width, height), channels), files)))
     return images, labels
 
 
@@ -117,15 +156,20 @@ def arch_view(arch, images, labels=None):
 class DataGenerator(keras.utils.PyDataset):
     """Batches from a folder decoded once into memory, reshuffled every epoch.
 
-    The arguments are the book's, plus arch; batch_size counts CAPTCHAs, so for the book's model a
-    batch holds 4 * batch_size slices. char_to_index_dict and n_classes are accepted for the book's
-    calls, but the classes always come from CHARSET, the order that create_dict_char_to_index gives.
+    The arguments are the book's, plus arch, the format and skip_bad_labels; batch_size counts
+    CAPTCHAs, so for the book's model a batch holds 4 * batch_size slices. char_to_index_dict and
+    n_classes are accepted for the book's calls, but the classes always come from the format's
+    alphabet (the book's: CHARSET, the order that create_dict_char_to_index gives). Without a
+    format, the book's is read at dim.
     """
 
     def __init__(self, dest, char_to_index_dict=None, batch_size=32, n_classes=36,
-                 dim=BOOK_DIM, shuffle=True, seed=None, arch="book", **kwargs):
+                 dim=BOOK_DIM, shuffle=True, seed=None, arch="book", captcha_format=None,
+                 skip_bad_labels=False, **kwargs):
         super().__init__(**kwargs)
-        images, labels = load_captchas(list_captchas(dest), dim)
+        captcha_format = captcha_format or replace(BOOK_FORMAT, **dict(zip(("height", "width", "channels"), dim)))
+        files = fitting_files(list_captchas(dest), captcha_format, skip_bad_labels)
+        images, labels = load_captchas(files, captcha_format)
         self.inputs, self.labels = arch_view(arch, images, labels)
         self.batch_size = batch_size * (len(self.inputs) // len(images))  # inputs per CAPTCHA
         self.shuffle = shuffle
@@ -172,32 +216,47 @@ def _model_(n_classes, lr=1e-3):
 
 # The whole-image model sees all of the CAPTCHA, so a character that crosses a slice border, or
 # that only its width and spacing tell apart (0/O, 1/I), is read in context. Four small conv
-# blocks shrink 40x100 to 2x6; one dense layer then gives a softmax per character position.
+# blocks shrink 40x100 to 2x6; one dense layer then gives a softmax per character position, over
+# the alphabet and, for a variable-length format, the end class.
 # While training it sees CAPTCHAs shifted by up to 2 px down and 3 px across and zoomed by up to
 # 5%; the random layers do nothing when it reads.
 
+WHOLE_FILTERS = (32, 64, 96, 128)
 
-def whole_image_model(n_classes, lr=1e-3):
-    input_ = keras.Input(shape=BOOK_DIM)
+
+def classes_per_position(captcha_format):
+    return len(captcha_format.charset) + captcha_format.variable_length
+
+
+def whole_image_model(captcha_format=BOOK_FORMAT, lr=1e-3, filters=WHOLE_FILTERS):
+    positions, classes = captcha_format.max_length, classes_per_position(captcha_format)
+    input_ = keras.Input(shape=captcha_format.dim)
     x = layers.RandomTranslation(0.05, 0.03, fill_mode="nearest")(input_)
     x = layers.RandomZoom(0.05, fill_mode="nearest")(x)
-    for filters in (32, 64, 96, 128):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+    for width in filters:
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
         x = layers.BatchNormalization()(x)
         x = layers.ReLU()(x)
         x = layers.MaxPooling2D(2)(x)
     x = layers.Flatten()(x)
     x = layers.Dropout(0.3)(x)
-    x = layers.Dense(CAPTCHA_LENGTH * n_classes)(x)
-    x = layers.Reshape((CAPTCHA_LENGTH, n_classes))(x)
+    x = layers.Dense(positions * classes)(x)
+    x = layers.Reshape((positions, classes))(x)
     out = layers.Softmax()(x)
     return _compiled(keras.Model(inputs=input_, outputs=out, name="whole"), lr)
 
 
 ARCHITECTURES = {"book": _model_, "whole": whole_image_model}
-# What each architecture maps, as the model file records it; this is how a file's architecture is told.
-ARCH_SHAPES = {"book": (SLICE_SHAPE, (len(CHARSET),)),
-               "whole": (BOOK_DIM, (CAPTCHA_LENGTH, len(CHARSET)))}
+
+
+def arch_shapes(captcha_format):
+    """What each architecture maps for a format, as the model file records it; this is how a
+    file's architecture is told. The book's network reads only the book's format."""
+    shapes = {"whole": (captcha_format.dim,
+                        (captcha_format.max_length, classes_per_position(captcha_format)))}
+    if captcha_format == BOOK_FORMAT:
+        shapes["book"] = (SLICE_SHAPE, (len(CHARSET),))
+    return shapes
 
 
 # ## Training
@@ -216,16 +275,52 @@ class EpochSeconds(keras.callbacks.Callback):
 SCHEDULES = ("constant", "cosine")
 
 
-def _checked_settings(n_classes, dim, schedule, arch):
+def _checked_settings(schedule, arch):
     if arch not in ARCHITECTURES:
         raise CaptchaError(f"unknown --arch {arch!r}: choose {' or '.join(ARCHITECTURES)}")
-    if n_classes != len(CHARSET):
-        raise CaptchaError(f"--n_classes must be {len(CHARSET)} (A-Z and 0-9), got {n_classes!r}")
-    if not isinstance(dim, (tuple, list)) or tuple(dim) != BOOK_DIM:
-        raise CaptchaError(f"--dim must be {BOOK_DIM} for the book's model, got {dim!r}")
     if schedule not in SCHEDULES:
         raise CaptchaError(f"unknown --schedule {schedule!r}: choose {' or '.join(SCHEDULES)}")
+
+
+def _checked_dim(dim):
+    if (not isinstance(dim, (tuple, list)) or len(dim) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in dim)
+            or min(dim[:2]) < 16 or dim[2] not in (1, 3)):
+        raise CaptchaError(f"--dim must be (height, width, channels), at least 16x16, with 1 "
+                           f"(grayscale) or 3 (colour) channels, got {dim!r}")
     return tuple(dim)
+
+
+def derived_charset(labels):
+    """The first named alphabet that holds every character of the labels, else just those characters."""
+    seen = set("".join(labels))
+    return next((chars for chars in CHARSETS.values() if seen <= set(chars)), "".join(sorted(seen)))
+
+
+def training_format(labels, arch, charset, length, dim, case_sensitive, n_classes):
+    """The format to train for: what the options give; for the whole-image model, what they leave
+    open comes from the training labels (and is said); for the book's network, from the book."""
+    if arch == "whole" and not case_sensitive and any(c.isupper() for c in "".join(labels)):
+        labels = [label.upper() for label in labels]  # case-insensitive labels fold as the format will
+    derive = arch == "whole"
+    chars = (charset_from(charset) if charset is not None
+             else derived_charset(labels) if derive else BOOK_FORMAT.charset)
+    lengths = (lengths_from(length) if length is not None
+               else (min(map(len, labels)), max(map(len, labels))) if derive
+               else (BOOK_FORMAT.min_length, BOOK_FORMAT.max_length))
+    height, width, channels = _checked_dim(BOOK_DIM if dim is None else dim)
+    captcha_format = CaptchaFormat(chars, *lengths, height, width, channels, bool(case_sensitive))
+    if n_classes is not None and n_classes != len(chars):
+        raise CaptchaError(f"--n_classes must be {len(chars)}, the size of the alphabet {chars!r}, "
+                           f"got {n_classes!r}")
+    if arch == "book" and captcha_format != BOOK_FORMAT:
+        raise CaptchaError(f"the book's network reads only the book's format ({BOOK_FORMAT.describe()}), "
+                           f"not {captcha_format.describe()}: check --charset, --length, --dim and "
+                           "--case_sensitive, or train --arch whole")
+    if derive and None in (charset, length):
+        print(f"train: format from {len(labels)} training labels: {captcha_format.describe()} "
+              "(--charset, --length, --dim and --case_sensitive choose it)")
+    return captcha_format
 
 
 def _learning_rate(lr, schedule, epochs, steps_per_epoch):
@@ -234,29 +329,37 @@ def _learning_rate(lr, schedule, epochs, steps_per_epoch):
     return lr
 
 
-def train(dest_train, dest_val, outdir, batch_size=16, n_classes=36, dim=BOOK_DIM,
+def train(dest_train, dest_val, outdir, batch_size=16, n_classes=None, dim=None,
           shuffle=True, epochs=20, lr=1e-3, schedule="constant", patience=None, seed=None,
-          arch="book"):
+          arch="book", charset=None, length=None, case_sensitive=False, skip_bad_labels=False,
+          filters=WHOLE_FILTERS):
     """Train a breaker (the book's by default); writes captcha_breaker.keras, history.csv and
-    curves.png to outdir."""
-    dim = _checked_settings(n_classes, dim, schedule, arch)
+    curves.png to outdir. The format is the book's for --arch book; for --arch whole, --charset
+    (a name: digits, upper, lower, alnum_upper, alnum_lower, alnum; or the characters), --length
+    (4, or a range such as 4-6), --dim (height, width, channels) and --case_sensitive choose it,
+    and what they leave open comes from the training labels. Labels that do not fit stop
+    training, or with --skip_bad_labels True are left out and counted. --filters sets the
+    whole-image model's conv widths."""
+    _checked_settings(schedule, arch)
+    train_files = list_captchas(dest_train)
+    captcha_format = training_format([label_from_filename(f) for f in train_files], arch, charset,
+                                     length, dim, case_sensitive, n_classes)
     outdir = ensure_dir(outdir)
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    char_to_index_dict, _ = create_dict_char_to_index()
-    train_generator = DataGenerator(dest_train, char_to_index_dict, batch_size, n_classes, dim,
-                                    shuffle, seed, arch)
-    val_generator = DataGenerator(dest_val, char_to_index_dict, batch_size, n_classes, dim,
-                                  shuffle=False, arch=arch)
-    model = ARCHITECTURES[arch](n_classes, _learning_rate(lr, schedule, epochs, len(train_generator)))
+    data = dict(arch=arch, captcha_format=captcha_format, skip_bad_labels=skip_bad_labels)
+    train_generator = DataGenerator(dest_train, batch_size=batch_size, shuffle=shuffle, seed=seed, **data)
+    val_generator = DataGenerator(dest_val, batch_size=batch_size, shuffle=False, **data)
+    learning_rate = _learning_rate(lr, schedule, epochs, len(train_generator))
+    model = (_model_(len(CHARSET), learning_rate) if arch == "book"
+             else whole_image_model(captcha_format, learning_rate, tuple(filters)))
     callbacks = [EpochSeconds(), keras.callbacks.CSVLogger(str(outdir / "history.csv"))]
     if patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_accuracy", patience=patience, restore_best_weights=True))
     history = model.fit(train_generator, epochs=epochs, validation_data=val_generator,
                         callbacks=callbacks, verbose=progress_verbosity())
-    with atomic_path(outdir / MODEL_FILE) as temporary:
-        model.save(temporary)
+    save_breaker(model, captcha_format, outdir / MODEL_FILE)
     plot_history(pd.DataFrame(history.history), outdir / "curves.png")
     print(f"Model written at: {outdir / MODEL_FILE}")
 
@@ -273,50 +376,119 @@ def plot_history(history, path):
     save_figure(figure, path)
 
 
-# ## Evaluation and use
+# ## Saving, loading and reading
+#
+# A model file carries its format, so a model never reads with another model's alphabet. Files
+# from before formats existed hold none: they read the book's. An ONNX export carries it too, in
+# the ONNX file's metadata, and reads without TensorFlow through onnxruntime.
+
+
+def save_breaker(model, captcha_format, path):
+    """Write a model whole, its format inside the .keras zip (Keras ignores entries it doesn't know)."""
+    with atomic_path(path) as temporary:
+        model.save(temporary)
+        with zipfile.ZipFile(temporary, "a") as archive:
+            archive.writestr(FORMAT_ENTRY, captcha_format.to_json())
+
+
+@dataclass
+class Breaker:
+    """A model that reads CAPTCHAs (Keras, or an ONNX session with the same predict), with the
+    format it reads and its architecture."""
+    model: object
+    captcha_format: CaptchaFormat
+    arch: str
+
+
+class OnnxModel:
+    """An exported breaker under onnxruntime, with Keras's predict(x, batch_size) signature."""
+
+    def __init__(self, path):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+
+    def predict(self, x, batch_size=256, verbose=0):
+        return np.concatenate([self.session.run(None, {self.input_name: x[i:i + batch_size]})[0]
+                               for i in range(0, len(x), batch_size)])
 
 
 def load_breaker(model_path):
-    """A model this script wrote, or one clear line saying why the file isn't one."""
+    """A breaker this script wrote (.keras, or .onnx from export), or one clear line saying why the
+    file isn't one."""
     model_path = Path(str(model_path))
     if not model_path.is_file():
         raise CaptchaError(f"no model file at {model_path}")
+    if model_path.suffix == ".onnx":
+        return _load_onnx_breaker(model_path)
     try:
         model = keras.models.load_model(model_path, compile=False)  # reading needs no optimizer
     except Exception as error:  # Keras raises many kinds for a file it can't read
         raise CaptchaError(f"{model_path} is not a readable Keras model: {error}".splitlines()[0])
-    arch_of(model, model_path)
-    return model
+    with zipfile.ZipFile(model_path) as archive:
+        stored = FORMAT_ENTRY in archive.namelist() and archive.read(FORMAT_ENTRY).decode()
+    captcha_format = CaptchaFormat.from_json(stored) if stored else BOOK_FORMAT
+    return Breaker(model, captcha_format, arch_of(model, captcha_format, model_path))
 
 
-def arch_of(model, model_path=None):
-    """The architecture whose shapes the model has, or one clear line saying it has none of them."""
+def _load_onnx_breaker(model_path):
+    try:
+        model = OnnxModel(model_path)
+        captcha_format = CaptchaFormat.from_json(model.metadata["captcha_format"])
+        arch = model.metadata["arch"]
+    except Exception as error:  # onnxruntime's errors, a missing or foreign metadata entry
+        raise CaptchaError(f"{model_path} is not an ONNX CAPTCHA breaker from export: {error}".splitlines()[0])
+    return Breaker(model, captcha_format, arch)
+
+
+def arch_of(model, captcha_format=BOOK_FORMAT, model_path=None):
+    """The architecture whose shapes the model has for its format, or one clear line saying it has none."""
     shapes = (tuple(model.input_shape[1:]), tuple(model.output_shape[1:]))
-    for arch, arch_shapes in ARCH_SHAPES.items():
-        if shapes == arch_shapes:
+    expected = arch_shapes(captcha_format)
+    for arch, arch_shape in expected.items():
+        if shapes == arch_shape:
             return arch
-    raise CaptchaError(f"{model_path or model.name} is not a CAPTCHA breaker: it maps {shapes[0]} "
-                       f"to {shapes[1]}, not a 40x25x1 slice to {len(CHARSET)} classes "
-                       f"nor a 40x100x1 CAPTCHA to 4x{len(CHARSET)}")
+    readable = " nor ".join(f"{a} {i} to {o}" for a, (i, o) in expected.items())
+    raise CaptchaError(f"{model_path or model.name} is not a CAPTCHA breaker: it maps {shapes[0]} to "
+                       f"{shapes[1]}, not {readable} ({captcha_format.describe()})")
 
 
-def read_captchas(model, images, batch_size=256):
-    """The 4-character text of each (N, 40, 100, 1) uint8 CAPTCHA, batch_size CAPTCHAs at a time."""
-    inputs, _ = arch_view(arch_of(model), images)
+def decode(probabilities, captcha_format):
+    """Texts from (N, positions, classes) probabilities: the likeliest class per position, up to
+    the first end class; positions within the shortest length always hold a character."""
+    if captcha_format.variable_length:
+        probabilities = probabilities.copy()
+        probabilities[:, :captcha_format.min_length, -1] = -1
+    end = len(captcha_format.charset)
+    texts = []
+    for codes in probabilities.argmax(axis=-1):
+        stop = np.flatnonzero(codes == end)
+        texts.append("".join(captcha_format.charset[c] for c in codes[:stop[0] if len(stop) else None]))
+    return texts
+
+
+def read_captchas(breaker, images, batch_size=256):
+    """The text of each (N, height, width, channels) uint8 CAPTCHA, batch_size CAPTCHAs at a time."""
+    inputs, _ = arch_view(breaker.arch, images)
     per_captcha = len(inputs) // len(images)
-    probabilities = model.predict(scale(inputs), batch_size=batch_size * per_captcha, verbose=0)
-    codes = probabilities.argmax(axis=-1).reshape(-1, CAPTCHA_LENGTH)
-    alphabet = np.array(list(CHARSET))
-    return ["".join(row) for row in alphabet[codes]]
+    probabilities = breaker.model.predict(scale(inputs), batch_size=batch_size * per_captcha, verbose=0)
+    return decode(probabilities.reshape(len(images), breaker.captcha_format.max_length, -1),
+                  breaker.captcha_format)
+
+
+# ## Evaluation and use
 
 
 def evaluate(model_path, eval_dest, outdir, fetch_target=True):
     """Read every CAPTCHA in eval_dest; writes evaluation.csv, and with targets a gallery of failures."""
-    model = load_breaker(model_path)
+    breaker = load_breaker(model_path)
+    captcha_format = breaker.captcha_format
     files = list_captchas(eval_dest)
-    targets = [checked_label(f) for f in files] if fetch_target else None
-    images, _ = load_captchas(files, with_labels=False)
-    predictions = read_captchas(model, images)
+    targets = [checked_label(f, captcha_format) for f in files] if fetch_target else None
+    images, _ = load_captchas(files, captcha_format, with_labels=False)
+    predictions = read_captchas(breaker, images)
     outdir = ensure_dir(outdir)
     results = pd.DataFrame({"files": [f.name for f in files], "predictions": predictions})
     if fetch_target:
@@ -331,17 +503,28 @@ def evaluate(model_path, eval_dest, outdir, fetch_target=True):
     print(f"Evaluation file written at: {eval_file}")
 
 
+def character_pairs(results):
+    """(target, reading) character pairs, position by position over the longer of the two;
+    a position one of them lacks pairs with ''."""
+    return [pair for target, reading in zip(results.targets, results.predictions)
+            for pair in zip_longest(target, reading, fillvalue="")]
+
+
 def report_accuracy(results):
-    per_char = np.mean([p == t for pair in zip(results.predictions, results.targets)
-                        for p, t in zip(*pair)])
+    per_char = np.mean([t == p for t, p in character_pairs(results)])
     print(f"Accuracy: {results['match'].mean()}")
     print(f"Per-character accuracy: {per_char}")
+    by_length = results.groupby(results.targets.str.len())["match"].agg(["count", "mean"])
+    if len(by_length) > 1:
+        print("Accuracy by length:")
+        print(by_length.rename(columns={"count": "CAPTCHAs", "mean": "accuracy"})
+              .rename_axis("length").to_string())
 
 
 def character_confusions(results):
-    """(target, predicted, count) for every misread character, most common first."""
-    counts = Counter((t, p) for pair in zip(results.targets, results.predictions)
-                     for t, p in zip(*pair) if t != p)
+    """(target, predicted, count) for every misread character, most common first; '' is a
+    character missing from the reading, or one the reading has beyond the target."""
+    counts = Counter((t, p) for t, p in character_pairs(results) if t != p)
     return pd.DataFrame([(t, p, n) for (t, p), n in counts.most_common()],
                         columns=["target", "predicted", "count"])
 
@@ -367,7 +550,8 @@ def plot_failures(results, images, path, shown=36):
     for axis in axes.flat:
         axis.axis("off")
     for axis, index in zip(axes.flat, failed):
-        axis.imshow(images[index, :, :, 0], cmap="gray")
+        image = images[index]
+        axis.imshow(image[:, :, 0] if image.shape[-1] == 1 else image, cmap="gray")
         axis.set_title(f"target {results.targets[index]}  read {results.predictions[index]}",
                        fontsize=9)
     figure.tight_layout()
@@ -375,16 +559,66 @@ def plot_failures(results, images, path, shown=36):
 
 
 def predict(path, model_path=DEFAULT_MODEL):
-    """Print the text of one CAPTCHA image, or of every image in a folder."""
-    model = load_breaker(model_path)
+    """Print the text of one CAPTCHA image, or of every image in a folder (model: .keras or .onnx)."""
+    breaker = load_breaker(model_path)
     path = Path(str(path))
     if not path.exists():
         raise CaptchaError(f"no such file or folder: {path}")
     files = list_captchas(path) if path.is_dir() else [path]
-    images, _ = load_captchas(files, with_labels=False)
-    for file, text in zip(files, read_captchas(model, images)):
+    images, _ = load_captchas(files, breaker.captcha_format, with_labels=False)
+    for file, text in zip(files, read_captchas(breaker, images)):
         print(f"{file.name}\t{text}")
 
 
+# ## Export for serving without TensorFlow
+#
+# Keras exports the reading part of the model (its random training layers left out) through
+# tf2onnx; the export is checked against Keras on a probe batch before it is put in place.
+
+
+def reading_model(model):
+    """The model without its random augmentation layers, which do nothing when it reads."""
+    input_ = keras.Input(model.input_shape[1:])
+    x = input_
+    for layer in model.layers[1:]:
+        if not isinstance(layer, (layers.RandomTranslation, layers.RandomZoom)):
+            x = layer(x)
+    return keras.Model(input_, x, name=model.name)
+
+
+def export(model_path, format="onnx", outfile=None):
+    """Write the model as ONNX (outfile: the model's path with .onnx), checked to read as Keras does."""
+    if format != "onnx":
+        raise CaptchaError(f"unknown --format {format!r}: onnx is the one export")
+    breaker = load_breaker(model_path)
+    if not isinstance(breaker.model, keras.Model):
+        raise CaptchaError(f"{model_path} is already an export; give the .keras model")
+    outfile = Path(str(outfile)) if outfile else Path(str(model_path)).with_suffix(".onnx")
+    model = reading_model(breaker.model)
+    probe = np.random.default_rng(0).random((32, *model.input_shape[1:]), dtype=np.float32)
+    expected = model.predict(probe, verbose=0)
+    with atomic_path(outfile) as temporary:
+        _export_onnx(model, temporary, breaker)
+        got = OnnxModel(temporary).predict(probe)
+        if got.shape != expected.shape or np.abs(got - expected).max() > 1e-4:
+            raise CaptchaError(f"the ONNX export of {model_path} disagrees with the Keras model on a "
+                               "probe batch; nothing was written")
+    print(f"ONNX model written at: {outfile} (reads as {model_path} does on a probe batch)")
+
+
+def _export_onnx(model, path, breaker):
+    import onnx
+
+    try:
+        model.export(str(path), format="onnx", verbose=False)
+    except ImportError as error:
+        raise CaptchaError(f"ONNX export needs TensorFlow and tf2onnx: {error}".splitlines()[0]) from None
+    exported = onnx.load(str(path))
+    for key, value in (("captcha_format", breaker.captcha_format.to_json()), ("arch", breaker.arch)):
+        exported.metadata_props.add(key=key, value=value)
+    onnx.save(exported, str(path))
+
+
 if __name__ == "__main__":
-    run_cli({"train": train, "evaluate": evaluate, "predict": predict}, "captcha_solver")
+    run_cli({"train": train, "evaluate": evaluate, "predict": predict, "export": export},
+            "captcha_solver")

@@ -4,7 +4,7 @@ From the repository root, once runs/whole is trained: .venv/bin/python experimen
 """
 import sys; sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 import numpy as np, captcha_solver as S
-model = S.load_breaker("runs/whole/captcha_breaker.keras")
+model = S.load_breaker("runs/whole/captcha_breaker.keras").model
 for folder in ("data/fresh2/uniform", "data/fresh2/book"):
     x, y = S.load_captchas(S.list_captchas(folder))
     def probs(images): return model.predict(S.scale(images), batch_size=1024, verbose=0)

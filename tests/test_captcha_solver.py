@@ -2,6 +2,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -11,19 +12,25 @@ import pandas as pd
 import pytest
 
 import captcha_solver
-from captcha_common import CHARSET, CaptchaError
+from captcha_common import BOOK_FORMAT, CHARSET, CaptchaError, CaptchaFormat, charset_from
 from captcha_solver import (
     DataGenerator,
     _model_,
     create_dict_char_to_index,
     cut_slices,
+    decode,
+    encode_labels,
     evaluate,
+    export,
     list_captchas,
     load_breaker,
     load_captchas,
     load_img,
     predict,
+    read_captchas,
+    save_breaker,
     train,
+    training_format,
     whole_image_model,
 )
 
@@ -128,7 +135,7 @@ def test_model_is_exactly_the_books_network():
 
 
 def test_the_whole_image_model_reads_four_characters_from_the_whole_captcha():
-    model = whole_image_model(36)
+    model = whole_image_model()
     assert model.input_shape == (None, 40, 100, 1) and model.output_shape == (None, 4, 36)
     probabilities = model.predict(np.random.default_rng(0).random((3, 40, 100, 1)), verbose=0)
     assert np.allclose(probabilities.sum(axis=-1), 1, atol=1e-5)
@@ -176,10 +183,10 @@ def test_lr_is_honoured(captchas, tmp_path):
 
 
 def test_saved_model_reads_as_it_did_in_memory(captchas, tmp_path):
-    model = whole_image_model(36)
+    model = whole_image_model()
     images, _ = load_captchas(list_captchas(captchas / "test"))
     model.save(tmp_path / "whole.keras")
-    reloaded = load_breaker(tmp_path / "whole.keras")
+    reloaded = load_breaker(tmp_path / "whole.keras").model
     x = captcha_solver.scale(images)
     assert np.allclose(model.predict(x, verbose=0), reloaded.predict(x, verbose=0))
 
@@ -368,3 +375,149 @@ def test_the_jax_backend_trains_and_evaluates(arch, captchas, tmp_path):
                              "--outdir", str(tmp_path)], **common)
     assert result.returncode == 0, result.stderr
     assert len(pd.read_csv(tmp_path / "evaluation.csv")) == 40
+
+
+# ## Other formats: alphabets, lengths, sizes
+
+
+LOWER_4_TO_6 = CaptchaFormat(charset_from("alnum_lower"), 4, 6, 48, 120, 1, case_sensitive=True)
+
+
+def test_variable_length_labels_pad_with_the_end_class():
+    codes = encode_labels(["ab12", "ab12cd"], LOWER_4_TO_6)
+    end = len(LOWER_4_TO_6.charset)
+    assert codes.tolist() == [[10, 11, 1, 2, end, end], [10, 11, 1, 2, 12, 13]]
+
+
+def test_reading_stops_at_the_end_class_but_never_before_the_shortest_length():
+    end = len(LOWER_4_TO_6.charset)
+    codes = np.array([[10, 11, 1, 2, end, 12], [10, end, 1, 2, 3, end]])
+    probabilities = np.eye(end + 1)[codes]
+    probabilities[1, 1, 12] = 0.5  # the runner-up where the end class may not stand
+    assert decode(probabilities, LOWER_4_TO_6) == ["ab12", "ac123"]
+
+
+def test_the_format_comes_from_the_labels_when_not_given(capsys):
+    assert training_format(["ab12", "cd3456"], "whole", None, None, None, True, None) == replace(
+        LOWER_4_TO_6, height=40, width=100)
+    assert "format from 2 training labels" in capsys.readouterr().out
+    assert training_format(["AB12", "Q9ZX"], "whole", None, None, None, False, None) == BOOK_FORMAT
+    assert training_format(["1234", "5678"], "book", None, None, None, False, 36) == BOOK_FORMAT
+    assert training_format(["ab12"], "whole", "digits", "3-5", (60, 160, 3), False, None) == \
+        CaptchaFormat("0123456789", 3, 5, 60, 160, 3)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(length="4-6"), "book's network reads only"),
+    (dict(charset="digits"), "--charset"),
+    (dict(n_classes=10), "--n_classes must be 36"),
+    (dict(dim=(40, 100, 2)), "--dim must be"),
+])
+def test_the_books_network_refuses_any_other_format(options, message):
+    settings = dict(charset=None, length=None, dim=None, case_sensitive=False, n_classes=None) | options
+    with pytest.raises(CaptchaError, match=message):
+        training_format(["AB12"], "book", **settings)
+
+
+def write_banded_captcha(path, text, captcha_format):
+    """A CAPTCHA at the format's size whose k-th sixth is gray level (code + 1) * 6 for its k-th
+    character, 0 past the end."""
+    image = np.zeros(captcha_format.dim[:2], np.uint8)
+    width = captcha_format.width
+    band = width // captcha_format.max_length
+    for k, char in enumerate(text):
+        image[:, band * k:band * (k + 1)] = (captcha_format.charset.index(char) + 1) * 6
+    cv2.imwrite(str(path), image)
+
+
+def banded_reader(captcha_format):
+    """A whole-image breaker that reads write_banded_captcha's bands exactly, the end class for 0."""
+    height, width, _ = captcha_format.dim
+    positions, classes = captcha_format.max_length, len(captcha_format.charset) + 1
+    inputs = keras.Input(captcha_format.dim)
+    means = keras.layers.AveragePooling2D((height, width // positions))(inputs)
+    means = keras.layers.Reshape((positions, 1))(means)
+    outputs = keras.layers.Dense(classes, activation="softmax")(means)
+    model = keras.Model(inputs, outputs)
+    levels = np.array([*(np.arange(1, classes) * 6), 0], "float32") / 255  # last: the end class
+    model.layers[-1].set_weights([2e4 * levels[None, :], -1e4 * levels ** 2])
+    return model
+
+
+@pytest.fixture
+def banded(tmp_path):
+    fmt = replace(LOWER_4_TO_6, height=60, width=120)
+    model_path = tmp_path / "banded.keras"
+    save_breaker(banded_reader(fmt), fmt, model_path)
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    shown = {"ab12.png": "ab12", "xyz789.png": "xyz789", "kk00q.png": "kk00", "zz99_1.png": "zz99a"}
+    for name, drawn in shown.items():
+        write_banded_captcha(folder / name, drawn, fmt)
+    return model_path, folder
+
+
+def test_a_model_reads_with_the_format_it_carries(banded, tmp_path, capsys):
+    model_path, folder = banded
+    evaluate(model_path, folder, tmp_path / "out")
+    results = pd.read_csv(tmp_path / "out" / "evaluation.csv", keep_default_na=False)
+    assert dict(zip(results.files, results.predictions)) == {
+        "ab12.png": "ab12", "xyz789.png": "xyz789", "kk00q.png": "kk00", "zz99_1.png": "zz99a"}
+    out = capsys.readouterr().out
+    assert "Accuracy: 0.5" in out
+    assert f"Per-character accuracy: {18 / 20}" in out  # over the longer of target and reading
+    assert re.search(r"^4\s+2\s+0\.5$", out, re.M) and re.search(r"^5\s+1\s+0\.0$", out, re.M)
+    confusions = pd.read_csv(tmp_path / "out" / "confusions.csv", keep_default_na=False)
+    assert sorted(confusions.values.tolist()) == [["", "a", 1], ["q", "", 1]]
+
+
+def test_labels_outside_the_format_stop_or_are_skipped_and_counted(banded, captchas, tmp_path, capsys):
+    model_path, folder = banded
+    (folder / "AB12.png").write_bytes((folder / "ab12.png").read_bytes())
+    with pytest.raises(CaptchaError, match="AB12.png"):
+        evaluate(model_path, folder, tmp_path / "out")
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    for k, source in enumerate(sorted((captchas / "val").iterdir())[:20]):
+        (train_dir / source.name).write_bytes(source.read_bytes())
+    (train_dir / "AB1.png").write_bytes(source.read_bytes())
+    with pytest.raises(CaptchaError, match="AB1.png"):
+        train(train_dir, train_dir, tmp_path / "model", epochs=1, arch="whole", length=4)
+    train(train_dir, train_dir, tmp_path / "model", epochs=1, arch="whole", length=4, skip_bad_labels=True)
+    assert "skipped 1 of 21 files" in capsys.readouterr().out
+    assert load_breaker(tmp_path / "model" / "captcha_breaker.keras").captcha_format == BOOK_FORMAT
+
+
+def test_a_colour_format_trains_and_reads_in_colour(captchas, tmp_path):
+    train(captchas / "val", captchas / "test", tmp_path, epochs=1, batch_size=16, arch="whole",
+          dim=(32, 80, 3), filters=(8, 16))
+    breaker = load_breaker(tmp_path / "captcha_breaker.keras")
+    assert breaker.model.input_shape == (None, 32, 80, 3) and breaker.captcha_format.channels == 3
+    evaluate(tmp_path / "captcha_breaker.keras", captchas / "test", tmp_path)
+    assert len(pd.read_csv(tmp_path / "evaluation.csv")) == 40
+
+
+def test_the_onnx_export_reads_as_keras_does(trained, captchas, tmp_path, capsys):
+    export(trained / "captcha_breaker.keras", outfile=tmp_path / "breaker.onnx")
+    files = list_captchas(captchas / "test")
+    images, _ = load_captchas(files, with_labels=False)
+    by_keras = read_captchas(load_breaker(trained / "captcha_breaker.keras"), images)
+    by_onnx = read_captchas(load_breaker(tmp_path / "breaker.onnx"), images)
+    assert by_onnx == by_keras
+    capsys.readouterr()
+    predict(captchas / "test", model_path=tmp_path / "breaker.onnx")
+    assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == by_keras
+
+
+def test_an_export_that_disagrees_with_its_model_is_not_written(banded, tmp_path, monkeypatch):
+    model_path, _ = banded
+    monkeypatch.setattr(captcha_solver.OnnxModel, "predict", lambda self, x, **kw: np.zeros((len(x), 6, 37)))
+    with pytest.raises(CaptchaError, match="disagrees"):
+        export(model_path, outfile=tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists() and not list(tmp_path.glob(".*bad.onnx"))
+
+
+def test_a_file_that_is_not_an_exported_breaker_is_one_line(tmp_path):
+    (tmp_path / "x.onnx").write_bytes(b"not onnx")
+    with pytest.raises(CaptchaError, match="not an ONNX CAPTCHA breaker"):
+        load_breaker(tmp_path / "x.onnx")
