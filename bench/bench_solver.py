@@ -6,7 +6,9 @@
       epochs and the second counts, as every later epoch would; the first, building included, is
       reported beside it. Drawing one epoch of batches without the model shows what the data
       alone costs each epoch;
-  (c) evaluating the same CAPTCHAs with the whole-image model (`--arch whole`).
+  (c) evaluating the same CAPTCHAs with the whole-image model (`--arch whole`);
+  (d) evaluating CAPTCHAs of another family, ImageCaptcha 160x60 with 4 to 6 characters of
+      0-9a-z, with a whole-image model of that format, as a Keras model and exported to ONNX.
 
     .venv/bin/python bench/bench_solver.py --num_eval 4000 --num_train 4000 --book_eval 100
 
@@ -136,42 +138,62 @@ def evaluate_variant(ours, variant, data, book_eval):
         book_evaluate(model, str(data / "eval"), files, index_to_char, book_load_img)
         count = len(files)
     else:
-        model_path = data / ("untrained_whole.keras" if variant == "whole_eval" else "untrained.keras")
-        ours.evaluate(model_path, data / "eval", data / f"{variant}_out")
-        count = len(os.listdir(data / "eval"))
+        model_path, folder = data / EVAL_MODELS[variant][0], data / EVAL_MODELS[variant][1]
+        ours.evaluate(model_path, folder, data / f"{variant}_out")
+        count = len(os.listdir(folder))
     report(time.perf_counter() - start, count=count)
+
+
+# The model file and the folder each of our evaluation variants reads.
+EVAL_MODELS = {"ours_eval": ("untrained.keras", "eval"),
+               "whole_eval": ("untrained_whole.keras", "eval"),
+               "family_eval": ("untrained_family.keras", "family_eval"),
+               "family_onnx_eval": ("untrained_family.onnx", "family_eval")}
+
+
+def make_data(scratch, num_eval, num_train, seed):
+    """The CAPTCHAs and untrained models that every variant reads (speed does not depend on weights)."""
+    from captcha_common import CaptchaFormat, charset_from
+    from CaptchaGenerator import main_process
+    from captcha_solver import _model_, export, save_breaker, whole_image_model
+
+    main_process(outdir_train=f"{scratch}/train", num_captchas_train=num_train,
+                 outdir_test=f"{scratch}/eval", num_captchas_test=num_eval, seed=seed)
+    main_process(outdir_test=f"{scratch}/family_eval", num_captchas_test=num_eval, seed=seed,
+                 generator="captcha", charset="alnum_lower", length="4-6")
+    _model_(36).save(f"{scratch}/untrained.keras")
+    whole_image_model().save(f"{scratch}/untrained_whole.keras")
+    family = CaptchaFormat(charset_from("alnum_lower"), 4, 6, case_sensitive=True)
+    save_breaker(whole_image_model(family), family, f"{scratch}/untrained_family.keras")
+    export(f"{scratch}/untrained_family.keras")
 
 
 def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, data=None, seed=0):
     if variant:
         return run_variant(variant, data, book_eval)
-    from CaptchaGenerator import main_process
-    from captcha_solver import _model_, whole_image_model
-
     with tempfile.TemporaryDirectory() as scratch:
-        main_process(outdir_train=f"{scratch}/train", num_captchas_train=num_train,
-                     outdir_test=f"{scratch}/eval", num_captchas_test=num_eval, seed=seed)
-        _model_(36).save(f"{scratch}/untrained.keras")
-        whole_image_model(36).save(f"{scratch}/untrained_whole.keras")
-        rows = best_of(__file__, ("book_eval", "ours_eval", "whole_eval", "book_train", "ours_train",
-                                  "book_data", "ours_data"), repeats,
-                       "--data", scratch, "--book_eval", book_eval)
+        make_data(scratch, num_eval, num_train, seed)
+        rows = best_of(__file__, ("book_eval", "ours_eval", "whole_eval", "family_eval",
+                                  "family_onnx_eval", "book_train", "ours_train", "book_data",
+                                  "ours_data"), repeats, "--data", scratch, "--book_eval", book_eval)
 
     def rate(row):
         return row["count"] / row["seconds"]
 
     print(f"\nbench_solver on {os.cpu_count()} cores ({num_eval} CAPTCHAs to read, {num_train} to train on; "
           f"fastest of {repeats} interleaved runs)")
-    print(f"{'':34}{'CAPTCHAs/s':>12}{'seconds':>10}{'peak MiB':>10}")
+    print(f"{'':40}{'CAPTCHAs/s':>12}{'seconds':>10}{'peak MiB':>10}")
     for variant, label in [("book_eval", f"(a) book: predict per slice ({book_eval})"),
                            ("ours_eval", f"(a) ours: evaluate ({num_eval})"),
                            ("whole_eval", f"(c) whole-image: evaluate ({num_eval})"),
+                           ("family_eval", f"(d) ImageCaptcha 4-6: evaluate ({num_eval})"),
+                           ("family_onnx_eval", f"(d) ... ONNX: evaluate ({num_eval})"),
                            ("book_train", "(b) book: disk DataGenerator epoch"),
                            ("ours_train", "(b) ours: in-memory epoch"),
                            ("book_data", "(b) book: an epoch's batches"),
                            ("ours_data", "(b) ours: an epoch's batches")]:
         row = rows[variant]
-        print(f"{label:34}{rate(row):12.1f}{row['seconds']:10.2f}{row['peak_mib']:10.0f}")
+        print(f"{label:40}{rate(row):12.1f}{row['seconds']:10.2f}{row['peak_mib']:10.0f}")
     print(f"(a) evaluation speed-up: {rate(rows['ours_eval']) / rate(rows['book_eval']):.0f}x")
     print(f"(b) training-epoch speed-up: {rate(rows['ours_train']) / rate(rows['book_train']):.2f}x; "
           f"first epochs, with building: {rows['ours_train']['first']:.2f} s against "
