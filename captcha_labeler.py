@@ -298,10 +298,6 @@ class Settings:
     agreement: str = "2/3"
     max_votes: int = 10
 
-    @property
-    def rule(self):
-        return checked_rule(self.min_votes, self.agreement, self.max_votes)
-
 
 def signature(secret, body):
     digest = hmac.new(secret, body.encode(), hashlib.sha256).digest()
@@ -352,7 +348,7 @@ def random_image(database, *states):
     return rows[0][0] if rows else None
 
 
-def new_challenge(database, settings, secret):
+def new_challenge(database, ttl, secret):
     """A labelled image that decides and a pending one that collects a vote, in random order; when
     nothing is pending, a second labelled image whose answer counts for nothing."""
     decider = random_image(database, LABELLED, PROMOTED)
@@ -365,7 +361,7 @@ def new_challenge(database, settings, secret):
     labelled_slot = secrets.randbelow(2)
     shown = [decider, collector] if labelled_slot == 0 else [collector, decider]
     challenge_id, urls = secrets.token_urlsafe(16), [secrets.token_urlsafe(16) for _ in shown]
-    expires_ms = int((time.time() + settings.ttl) * 1000)
+    expires_ms = int((time.time() + ttl) * 1000)
     database.query("INSERT INTO challenges (id, shown0, shown1, labelled_slot, counts, url0, url1, expires_ms) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                    (challenge_id, *shown, labelled_slot, int(counts), *urls, expires_ms))
@@ -375,7 +371,7 @@ def new_challenge(database, settings, secret):
     return make_token(secret, challenge_id, expires_ms), [f"/image/{url}" for url in urls]
 
 
-def check_answer(database, case_sensitive, settings, challenge_id, answers):
+def check_answer(database, case_sensitive, rule, challenge_id, answers):
     """Whether the labelled image was answered right; if so, the other answer is a vote. One
     transaction: the challenge is used up, the vote counted and the rule applied, or nothing is."""
     with database.transaction():
@@ -388,7 +384,7 @@ def check_answer(database, case_sensitive, settings, challenge_id, answers):
         (label,), = database.query("SELECT label FROM images WHERE hash = ?", (shown[labelled_slot],))
         passed = normalise(answers[labelled_slot], case_sensitive) == normalise(label, case_sensitive)
         if passed and counts:
-            add_vote(database, settings.rule, shown[1 - labelled_slot],
+            add_vote(database, rule, shown[1 - labelled_slot],
                      normalise(answers[1 - labelled_slot], case_sensitive))
     return passed
 
@@ -470,6 +466,7 @@ NO_STORE = {"Cache-Control": "no-store"}
 
 def create_app(settings):
     secret = load_or_create_secret(settings.secret_file)
+    rule = checked_rule(settings.min_votes, settings.agreement, settings.max_votes)
     local = threading.local()  # one connection per server thread
 
     def connection():
@@ -479,12 +476,12 @@ def create_app(settings):
         return local.database, local.case_sensitive
 
     def challenge():
-        return new_challenge(connection()[0], settings, secret)
+        return new_challenge(connection()[0], settings.ttl, secret)
 
     def answer(fields):
         answer = parsed_answer(fields)
         challenge_id = read_token(secret, answer.token)
-        return check_answer(*connection(), settings, challenge_id, answer.answers)
+        return check_answer(*connection(), rule, challenge_id, answer.answers)
 
     app = FastAPI(title="CAPTCHA labeller", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -564,8 +561,8 @@ def serve(db, host="127.0.0.1", port=8000, workers=1, ttl=600, secret_file=None,
         if is_postgres_url(db):
             raise CaptchaError("give --secret_file: every serve process of a PostgreSQL pool must share it")
         secret_file = f"{db}.secret"
+    checked_rule(min_votes, agreement, max_votes)
     settings = Settings(str(db), str(secret_file), float(ttl), min_votes, str(agreement), max_votes)
-    settings.rule  # noqa: B018  (checks the rule's options before the workers start)
     open_database(settings.db)
     load_or_create_secret(secret_file)
     os.environ[SETTINGS_VARIABLE] = json.dumps(asdict(settings))

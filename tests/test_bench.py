@@ -70,3 +70,4 @@ def test_bench_labeler_counts_every_vote_on_both_databases():
             float, row.split()[1:8])
         assert answers == 40 and requests_per_second > 0 and 0 < p50 <= p99 and 0 < answer_p50 <= answer_p99
         assert "exact (36 votes on 4 images)" in row  # 4 answers in 40 fail on purpose and count nothing
+    assert ratio(output, "PostgreSQL/SQLite") > 0
