@@ -583,3 +583,27 @@ def test_simulate_drives_the_service_and_scores_its_labels(new_db, capsys):
     match = re.search(r"passed (\d+), votes (\d+); promoted (\d+), right (\d+)", out)
     passed, votes, promoted, right = map(int, match.groups())
     assert passed == 120 and promoted == 8 and right == 8  # 8 of the 16 labels hidden, all found back
+
+
+def test_export_writes_png_whatever_was_imported(tmp_path, images):
+    folder = tmp_path / "jpeg"
+    folder.mkdir()
+    source = next((images[0] / "labelled").iterdir())
+    from PIL import Image
+    Image.open(source).convert("RGB").save(folder / f"{source.name[:4]}.jpg", quality=90)
+    db = str(tmp_path / "labels.sqlite")
+    init(db, labelled=folder)
+    captcha_labeler.export(db, tmp_path / "export")
+    (written,) = (tmp_path / "export").iterdir()
+    assert written.name == f"{source.name[:4]}.png"
+    assert written.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_simulated_misreading_swaps_one_character_for_a_look_alike():
+    import random
+    rng = random.Random(0)
+    for _ in range(200):
+        wrong = captcha_labeler.misread("AB12", rng)
+        changed = [(a, b) for a, b in zip("AB12", wrong) if a != b]
+        assert len(wrong) == 4 and len(changed) == 1
+        assert changed[0][1] in captcha_labeler.LOOKALIKES[changed[0][0]]
