@@ -2,11 +2,14 @@
 # ./run.sh demo   set up (.venv, requirements, font), then run the chapter on built-in defaults
 # ./run.sh test   set up, then run the tests
 # ./run.sh bench  set up, then run the speed benchmarks against the book's code
+# ./run.sh serve  serve the demo's labelling database (made by ./run.sh demo) at http://127.0.0.1:8000/
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh "${1:-}"
 PY=.venv/bin/python
 DEMO=data/demo
+LABELS=$DEMO/labels.sqlite
+SERVE="$PY captcha_labeler.py serve --db $LABELS --host 127.0.0.1 --port 8000"
 
 demo() {
   rm -rf "$DEMO"
@@ -37,14 +40,19 @@ demo() {
   echo "== 5. Score the GAN's samples against real ones (trains the judge once, then caches it)"
   $PY captcha_gan.py score --model_dir "$DEMO/gan" --dest_train "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" \
     --num_images 2000
+  echo "== 6. Put the GAN's samples (unlabelled) and the test CAPTCHAs (labelled) into a labelling database"
+  $PY captcha_labeler.py init --db "$LABELS" --labelled "$DEMO/test" --unlabelled "$DEMO/gan/captcha_for_use"
   echo "demo: everything is under $DEMO: CAPTCHAs in train/ val/ test/; solver/, shipped_book/ and"
   echo "      shipped_whole/ hold evaluation.csv, failures.png and confusions.csv; gan/ the GAN's"
-  echo "      samples and curves, gan/score/ its scores"
+  echo "      samples and curves, gan/score/ its scores; labels.sqlite the labelling database."
+  echo "To label the GAN's samples in a browser, serve it (./run.sh serve does) and open http://127.0.0.1:8000/"
+  echo "  $SERVE"
 }
 
 case "${1:-}" in
   demo) demo ;;
   test) shift; $PY -m pytest -q tests "$@" ;;
   bench) for b in bench/bench_*.py; do $PY "$b"; done ;;
-  *) echo "usage: ./run.sh demo|test|bench" >&2; exit 2 ;;
+  serve) $SERVE ;;
+  *) echo "usage: ./run.sh demo|test|bench|serve" >&2; exit 2 ;;
 esac

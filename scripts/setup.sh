@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make the checkout ready to run: .venv with requirements.txt, and the DancingScript font.
-# scripts/setup.sh test installs requirements-test.txt instead, which adds what the tests need.
+# scripts/setup.sh test installs requirements-test.txt instead, which adds what the tests need, and
+# Debian's postgresql, chromium and chromium-driver for the labeller's database and browser tests.
 # Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,4 +45,17 @@ if ! font_found; then
     echo "       (sudo apt-get install fonts-dancingscript), or set CAPTCHA_FONT=/path/to/DancingScript-Regular.ttf" >&2
     exit 1
   }
+fi
+
+if [ "${1:-}" = test ]; then
+  missing=()
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing+=(postgresql)
+  command -v chromium >/dev/null || missing+=(chromium)
+  [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt_install "${missing[@]}" || {
+      echo "setup: the labeller's tests need Debian's ${missing[*]} (sudo apt-get install ${missing[*]})" >&2
+      exit 1
+    }
+  fi
 fi

@@ -60,3 +60,15 @@ def test_a_variant_reports_its_own_peak_memory_not_its_parents():
     result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True,
                             check=True)
     assert json.loads(result.stdout)["peak_mib"] < 300
+
+
+def test_bench_labeler_counts_every_vote_on_both_databases():
+    output = run_bench("bench_labeler.py", "--clients", "4", "--answers", "40", "--labelled", "8",
+                       "--unlabelled", "4")
+    for database in ("sqlite", "postgresql"):
+        row = next(line for line in output.splitlines() if line.startswith(database + " "))
+        answers, requests_per_second, answers_per_second, p50, p99, answer_p50, answer_p99 = map(
+            float, row.split()[1:8])
+        assert answers == 40 and requests_per_second > 0 and 0 < p50 <= p99 and 0 < answer_p50 <= answer_p99
+        assert "exact (36 votes on 4 images)" in row  # 4 answers in 40 fail on purpose and count nothing
+    assert ratio(output, "PostgreSQL/SQLite") > 0
