@@ -42,6 +42,12 @@ def label_from_filename(filename):
     return name
 
 
+def is_file_name_label(text):
+    """Whether text can be a label by the rule above: printable, no spaces, and nothing that ends a
+    label or names a folder."""
+    return bool(text) and all(c.isprintable() and not c.isspace() and c not in "_./\\" for c in text)
+
+
 def checked_whole_number(name, value, minimum=0):
     """value as an int, or a one-line error naming the --option: fire passes '1.5' or 'abc' through."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -71,7 +77,7 @@ def charset_from(value):
     if not chars:
         raise CaptchaError("--charset is empty: give a name "
                            f"({', '.join(CHARSETS)}) or the characters themselves")
-    unusable = sorted({c for c in chars if not c.isprintable() or c.isspace() or c in "_./\\"})
+    unusable = sorted({c for c in chars if not is_file_name_label(c)})
     if unusable:
         raise CaptchaError(f"--charset {value!r} holds characters a file-name label can't: {unusable}")
     if len(set(chars)) < len(chars):

@@ -50,11 +50,11 @@ from captcha_common import (
     CHARSET,
     CaptchaError,
     atomic_path,
-    checked_label,
     checked_whole_number,
     ensure_dir,
+    is_file_name_label,
     is_image_file,
-    is_valid_label,
+    label_from_filename,
     run_cli,
 )
 
@@ -529,17 +529,27 @@ def app_from_environment():
 # ## Commands
 
 
+def checked_file_label(path):
+    """A labelled image's text by the shared rule, any alphabet and length the answers can take."""
+    label = label_from_filename(path)
+    if not is_file_name_label(label) or len(label) > MAX_ANSWER_CHARS:
+        raise CaptchaError(f"{path}: label {label!r} is not a CAPTCHA text of 1 to {MAX_ANSWER_CHARS} "
+                           "printable characters")
+    return label
+
+
 def init(db, labelled=None, unlabelled=None, case_sensitive=None, unlabelled_glob="captcha_*.png"):
     """Create the database when missing and import images: labelled ones named by the label rule,
     unlabelled ones (the GAN's captcha_<i>.png) without a label. Importing again adds nothing twice."""
     records = []
     if labelled is not None:
         for path in image_files(labelled, "*"):
-            records.append((*image_record(path), path.name, checked_label(path)))
+            records.append((*image_record(path), path.name, checked_file_label(path)))
     if unlabelled is not None:
         for path in image_files(unlabelled, unlabelled_glob):
             records.append((*image_record(path), path.name, None))
     database, case_sensitive = create_database(db, case_sensitive)
+    records = [(*record[:4], record[4] and normalise(record[4], case_sensitive)) for record in records]
     with database.transaction():  # an interrupted import adds nothing
         new = import_images(database, tqdm(records, desc="import", unit="img", disable=None))
     labelled_new = sum(record[4] is not None for record in records)
@@ -606,13 +616,14 @@ def status(db):
 
 def export(db, outdir):
     """Write labelled and promoted images as LABEL.png (LABEL_1.png for repeats), ready for
-    `captcha_solver.py train`; labels that are not 4 characters of A-Z0-9 are left out."""
+    `captcha_solver.py train`, which reads any alphabet and length; a label that can't be a
+    file name by the label rule ('_', '.' or '/' in it) is left out."""
     from CaptchaGenerator import assign_names
 
     database, _ = open_database(db)
     rows = database.query("SELECT label, data, media_type FROM images WHERE state IN (?, ?) ORDER BY hash",
                           (LABELLED, PROMOTED))
-    kept = [row for row in rows if is_valid_label(row[0])]
+    kept = [row for row in rows if is_file_name_label(row[0])]
     outdir = ensure_dir(outdir)
     names = assign_names([label for label, _, _ in kept], os.listdir(outdir))
     for name, (_, data, media_type) in zip(names, kept):
@@ -622,7 +633,7 @@ def export(db, outdir):
             else:
                 Image.open(io.BytesIO(data)).save(temporary, format="PNG")
     print(f"{outdir}: wrote {len(kept)} labelled images; left out {len(rows) - len(kept)} whose label "
-          "is not 4 characters of A-Z0-9")
+          "can't be a file name")
 
 
 # ## Simulating people, through the real HTTP API

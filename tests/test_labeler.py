@@ -166,12 +166,13 @@ def test_init_refuses_bad_labels_and_a_second_case_rule(new_db, images, tmp_path
     db = new_db("sqlite")
     bad = tmp_path / "bad"
     bad.mkdir()
-    shutil.copy(next((images[0] / "labelled").iterdir()), bad / "ab.png")
-    with pytest.raises(CaptchaError, match="ab.png"):
-        init(db, labelled=bad)
+    for name in ("_1.png", "X" * 33 + ".png"):  # no text; longer than any answer may be
+        shutil.copy(next((images[0] / "labelled").iterdir()), bad / name)
+        with pytest.raises(CaptchaError, match=re.escape(name)):
+            init(db, labelled=bad)
+        (bad / name).unlink()
     with pytest.raises(CaptchaError, match="case-insensitive pool"):
         init(db, case_sensitive=True)
-    (bad / "ab.png").unlink()
     (bad / "AB12.png").write_bytes(b"not a png")
     with pytest.raises(CaptchaError, match="AB12.png: not an image"):
         init(db, labelled=bad)
@@ -574,6 +575,20 @@ def test_status_and_export_after_promotion(new_db, images, tmp_path, capsys):
     exported = {hashlib.sha256((tmp_path / "export" / n).read_bytes()).hexdigest(): n for n in names}
     assert exported[pending[1]] == "ZZ99.png"
     assert all(exported[h][:4] == truth[h] for h in labelled_hashes)
+
+
+def test_export_keeps_any_text_a_file_name_can_hold(new_db, tmp_path, capsys):
+    db = new_db("sqlite")
+    database = Database(db)
+    pending = [h for h, in database.query("SELECT hash FROM images WHERE state = ?", (PENDING,))]
+    with database.transaction():
+        for image, answer in ((pending[0], "abc123"), (pending[1], "A/B1")):
+            for _ in range(3):
+                captcha_labeler.add_vote(database, Rule(), image, normalise(answer, False))
+    captcha_labeler.export(db, tmp_path / "export")
+    names = os.listdir(tmp_path / "export")
+    assert "ABC123.png" in names and not any("B1" in name for name in names)
+    assert "left out 1 whose label can't be a file name" in capsys.readouterr().out
 
 
 def test_simulate_drives_the_service_and_scores_its_labels(new_db, capsys):
