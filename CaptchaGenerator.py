@@ -1,4 +1,4 @@
-"""Render 4-character CAPTCHAs with claptcha into train, validation and test folders.
+"""Render CAPTCHAs into train, validation and test folders: claptcha's (the book's), or ImageCaptcha's.
 
 Each file is named by its text (26UR.png); a text that is already taken gets a
 suffix (26UR_1.png), so exactly N files are written and none is ever replaced.
@@ -6,15 +6,22 @@ suffix (26UR_1.png), so exactly N files are written and none is ever replaced.
     python CaptchaGenerator.py --outdir_train data/train --num_captchas_train 16000 \
         --outdir_val data/val --num_captchas_val 4000 \
         --outdir_test data/test --num_captchas_test 4000 --seed 1
+    python CaptchaGenerator.py --generator captcha --width 160 --height 60 \
+        --charset alnum_lower --length 4-6 --outdir_train data/train --seed 1
 """
 import multiprocessing
 import os
 import random
+import secrets
+import shutil
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
 
+import captcha.image
 import numpy as np
+from captcha.image import ImageCaptcha
 from claptcha import Claptcha
 from PIL import ImageFont
 from tqdm import tqdm
@@ -25,34 +32,44 @@ from captcha_common import (
     DIGITS,
     LETTERS,
     CaptchaError,
+    charset_from,
     checked_whole_number,
     ensure_dir,
     find_font,
     hidden_temporary,
+    lengths_from,
     run_cli,
 )
 
+GENERATORS = ("claptcha", "captcha")
 MIXES = ("book", "uniform")
 SPLITS = ("train", "val", "test")
+CLAPTCHA_SIZE = (200, 80)  # claptcha's only size
+IMAGECAPTCHA_SIZE = (160, 60)  # ImageCaptcha's default
+MIN_SIDE = 16  # below this a character is a few pixels of noise
 
 # ## Texts
 #
 # The book flips a coin for each position: a digit (1/2, so 1/20 each) or a
-# letter (1/2, so 1/52 each). "uniform" makes all 36 characters equally likely.
+# letter (1/2, so 1/52 each). "uniform" makes every character of the alphabet
+# equally likely. With a range of lengths, each CAPTCHA draws its length uniformly.
 
 
-def random_texts(rng, n, mix="book"):
-    """n random CAPTCHA texts drawn with a numpy Generator."""
-    shape = (n, CAPTCHA_LENGTH)
+def random_texts(rng, n, mix="book", charset=CHARSET, lengths=(CAPTCHA_LENGTH, CAPTCHA_LENGTH)):
+    """n random CAPTCHA texts drawn with a numpy Generator; "book" needs the alphabet A-Z0-9."""
+    shortest, longest = lengths
+    shape = (n, longest)
     if mix == "book":
         is_letter = rng.integers(0, 2, size=shape).astype(bool)
         letters = rng.integers(0, len(LETTERS), size=shape)
         digits = len(LETTERS) + rng.integers(0, len(DIGITS), size=shape)
         codes = np.where(is_letter, letters, digits)
+        charset = CHARSET
     else:
-        codes = rng.integers(0, len(CHARSET), size=shape)
-    alphabet = np.array(list(CHARSET))
-    return ["".join(row) for row in alphabet[codes]]
+        codes = rng.integers(0, len(charset), size=shape)
+    sizes = rng.integers(shortest, longest + 1, size=n) if shortest < longest else [longest] * n
+    alphabet = np.array(list(charset))
+    return ["".join(row[:size]) for row, size in zip(alphabet[codes], sizes)]
 
 
 # ## Rendering
@@ -98,6 +115,92 @@ def render_captcha(text, font, seed):
     return image
 
 
+class _SeededSecrets(random.Random):
+    """The part of the `secrets` module that ImageCaptcha uses, drawn from a seeded generator."""
+
+    def randbelow(self, n):
+        return self.randrange(n)
+
+    def randbits(self, k):
+        return self.getrandbits(k)  # choice is random.Random's own
+
+
+@lru_cache(maxsize=4)
+def _image_captcha(width, height, font):
+    return ImageCaptcha(width, height, fonts=None if font is None else [font])
+
+
+def render_imagecaptcha(text, seed, width=IMAGECAPTCHA_SIZE[0], height=IMAGECAPTCHA_SIZE[1], font=None):
+    """ImageCaptcha's RGB image of text (its own DroidSansMono unless a font is given); the seed fixes it."""
+    # captcha 0.7 draws every random number from `secrets`, which cannot be seeded: for one render its
+    # module sees a seeded stand-in, so one seed always draws one image, in any process.
+    captcha.image.secrets = _SeededSecrets(int(seed))
+    try:
+        return _image_captcha(width, height, font).generate_image(text)
+    finally:
+        captcha.image.secrets = secrets
+
+
+# ## What to draw
+#
+# A design is everything that is the same for all CAPTCHAs of a run: the generator, its font and
+# size, the alphabet, the lengths and the character mix. It travels to the worker processes whole.
+
+
+@dataclass(frozen=True)
+class Design:
+    generator: str = "claptcha"
+    font: str = None
+    width: int = CLAPTCHA_SIZE[0]
+    height: int = CLAPTCHA_SIZE[1]
+    charset: str = CHARSET
+    lengths: tuple = (CAPTCHA_LENGTH, CAPTCHA_LENGTH)
+    mix: str = "book"
+
+    def texts(self, rng, n):
+        return random_texts(rng, n, self.mix, self.charset, self.lengths)
+
+    def render(self, text, seed):
+        if self.generator == "claptcha":
+            return render_captcha(text, self.font, seed)
+        return render_imagecaptcha(text, seed, self.width, self.height, self.font)
+
+    def __str__(self):
+        shortest, longest = self.lengths
+        lengths = f"{shortest}" if shortest == longest else f"{shortest}-{longest}"
+        return (f"{self.generator} {self.width}x{self.height}, {lengths} characters of "
+                f"{self.charset!r}, mix {self.mix}")
+
+
+def captcha_design(generator="claptcha", font=None, width=None, height=None,
+                   charset="alnum_upper", length=CAPTCHA_LENGTH, mix=None):
+    """The checked Design for these options; a one-line CaptchaError names the first bad one.
+
+    mix defaults to the book's coin flip for claptcha on A-Z0-9, and to uniform otherwise;
+    --mix book on any other alphabet is an error.
+    """
+    if generator not in GENERATORS:
+        raise CaptchaError(f"unknown --generator {generator!r}: choose one of {', '.join(GENERATORS)}")
+    if mix is not None and mix not in MIXES:
+        raise CaptchaError(f"unknown --mix {mix!r}: choose one of {', '.join(MIXES)}")
+    charset, lengths = charset_from(charset), lengths_from(length)
+    book_alphabet = sorted(charset) == sorted(CHARSET)
+    if mix == "book" and not book_alphabet:
+        raise CaptchaError(f"--mix book flips a coin between A-Z and 0-9, so it needs --charset alnum_upper, "
+                           f"got {charset!r}: use --mix uniform")
+    mix = mix or ("book" if generator == "claptcha" and book_alphabet else "uniform")
+    if generator == "claptcha":
+        asked = (CLAPTCHA_SIZE[0] if width is None else width, CLAPTCHA_SIZE[1] if height is None else height)
+        if asked != CLAPTCHA_SIZE:
+            raise CaptchaError(f"claptcha draws 200x80 only, not {asked[0]}x{asked[1]}: "
+                               "leave them out or use --generator captcha")
+        return Design("claptcha", find_font(font), *CLAPTCHA_SIZE, charset, lengths, mix)
+    width = IMAGECAPTCHA_SIZE[0] if width is None else checked_whole_number("width", width, MIN_SIDE)
+    height = IMAGECAPTCHA_SIZE[1] if height is None else checked_whole_number("height", height, MIN_SIDE)
+    font = None if font is None else find_font(font)
+    return Design("captcha", font, width, height, charset, lengths, mix)
+
+
 # ## Writing without overwriting
 
 
@@ -111,28 +214,33 @@ def candidate_names(text):
 
 
 def assign_names(texts, taken):
-    """A free file name for each text, given the names already in the folder."""
-    taken = set(taken)
+    """A free file name for each text, given the names already in the folder.
+
+    Names differ in more than case (ab3x.png after AB3X.png is ab3x_1.png), so a folder of
+    case-sensitive labels is the same on every file system and copies whole onto macOS or Windows.
+    """
+    taken = {name.casefold() for name in taken}
     names = []
     for text in texts:
-        name = next(n for n in candidate_names(text) if n not in taken)
-        taken.add(name)
+        name = next(n for n in candidate_names(text) if n.casefold() not in taken)
+        taken.add(name.casefold())
         names.append(name)
     return names
 
 
 def write_captcha(job):
-    """Render one CAPTCHA and link it into place whole; a file already there is never replaced."""
-    outdir, name, text, font, seed = job
-    image = render_captcha(text, font, seed)
-    temporary = hidden_temporary(Path(outdir) / name)
+    """Render one CAPTCHA in the run's scratch folder and link it into outdir whole; a file already
+    there is never replaced."""
+    outdir, scratch, name, text, design, seed = job
+    image = design.render(text, seed)
+    temporary = hidden_temporary(Path(scratch) / name)
     try:
         image.save(temporary, format="PNG", compress_level=3)  # smaller and faster than 6 here
         for candidate in chain([name], candidate_names(text)):
             try:
                 os.link(temporary, Path(outdir) / candidate)
                 return candidate
-            except FileExistsError:  # another writer took it since we listed the folder
+            except FileExistsError:  # taken since we listed the folder, or the same name but for case
                 continue
     finally:
         temporary.unlink(missing_ok=True)
@@ -146,36 +254,39 @@ def _checked_workers(workers):
     return _default_workers() if workers is None else checked_whole_number("workers", workers, 1)
 
 
-def _checked_mix(mix):
-    if mix not in MIXES:
-        raise CaptchaError(f"unknown --mix {mix!r}: choose one of {', '.join(MIXES)}")
-    return mix
-
-
-def generate_captcha(outdir, font=None, num_captchas=20000, mix="book", seed=None, workers=None):
+def generate_captcha(outdir, font=None, num_captchas=20000, mix=None, seed=None, workers=None,
+                     generator="claptcha", width=None, height=None, charset="alnum_upper",
+                     length=CAPTCHA_LENGTH):
     """Write num_captchas new CAPTCHAs into outdir; returns their file names in order.
 
     The same seed gives byte-identical files whatever the number of worker processes.
     """
     num_captchas = checked_whole_number("num_captchas", num_captchas)
-    mix = _checked_mix(mix)
+    design = captcha_design(generator, font, width, height, charset, length, mix)
     workers = _checked_workers(workers)
-    font = find_font(font)
     outdir = ensure_dir(outdir)
     seeds = np.random.SeedSequence(seed)
     text_seeds, render_seeds = seeds.spawn(2)
-    texts = random_texts(np.random.default_rng(text_seeds), num_captchas, mix)
+    texts = design.texts(np.random.default_rng(text_seeds), num_captchas)
     image_seeds = render_seeds.generate_state(num_captchas, dtype=np.uint64).tolist()
     names = assign_names(texts, os.listdir(outdir))
-    jobs = [(str(outdir), name, text, font, s) for name, text, s in zip(names, texts, image_seeds)]
+    # A worker stopped by Ctrl-C may leave its temporary file behind: they all live in one hidden
+    # folder of this run, removed at the end whatever happens.
+    scratch = hidden_temporary(outdir / "scratch")
+    scratch.mkdir()
+    jobs = [(str(outdir), str(scratch), name, text, design, s)
+            for name, text, s in zip(names, texts, image_seeds)]
 
     written = []
-    with tqdm(total=num_captchas, desc=str(outdir), unit="img", disable=None) as progress:
-        for name in _written_captchas(jobs, workers):
-            written.append(name)
-            progress.update()
+    try:
+        with tqdm(total=num_captchas, desc=str(outdir), unit="img", disable=None) as progress:
+            for name in _written_captchas(jobs, workers):
+                written.append(name)
+                progress.update()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     renamed = sum(name != text + ".png" for name, text in zip(written, texts))
-    print(f"{outdir}: wrote {len(written)} CAPTCHAs (mix {mix}, seed {seeds.entropy}, "
+    print(f"{outdir}: wrote {len(written)} CAPTCHAs ({design}, seed {seeds.entropy}, "
           f"{renamed} with a suffix because their text was taken)")
     return written
 
@@ -195,8 +306,14 @@ def _written_captchas(jobs, workers):
 def main_process(outdir_train=None, num_captchas_train=16000,
                  outdir_val=None, num_captchas_val=4000,
                  outdir_test=None, num_captchas_test=4000,
-                 font=None, mix="book", seed=None, workers=None):
-    """Generate the train, validation and test folders that are given; each split draws its own texts."""
+                 font=None, mix=None, seed=None, workers=None,
+                 generator="claptcha", width=None, height=None, charset="alnum_upper", length=CAPTCHA_LENGTH):
+    """Generate the train, validation and test folders that are given; each split draws its own texts.
+
+    --generator claptcha (the book's, 200x80 only) or captcha (ImageCaptcha, --width/--height, default
+    160x60); --charset a name (digits, upper, lower, alnum_upper, alnum_lower, alnum) or the characters;
+    --length 4 or a range 4-6; --mix book (claptcha's default on A-Z0-9) or uniform.
+    """
     requested = {
         split: (outdir, checked_whole_number(f"num_captchas_{split}", count))
         for split, outdir, count in zip(
@@ -208,14 +325,14 @@ def main_process(outdir_train=None, num_captchas_train=16000,
     }
     if not requested:
         raise CaptchaError("nothing to generate: give --outdir_train, --outdir_val or --outdir_test")
-    mix = _checked_mix(mix)
-    font = find_font(font)
+    options = dict(generator=generator, width=width, height=height, charset=charset, length=length)
+    design = captcha_design(font=font, mix=mix, **options)
     workers = _checked_workers(workers)
     root_seed = np.random.SeedSequence(seed).entropy
     for outdir, _ in requested.values():
         ensure_dir(outdir)
     for split, (outdir, count) in requested.items():
-        generate_captcha(outdir, font, count, mix, [root_seed, SPLITS.index(split)], workers)
+        generate_captcha(outdir, design.font, count, mix, [root_seed, SPLITS.index(split)], workers, **options)
 
 
 if __name__ == "__main__":

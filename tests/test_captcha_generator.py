@@ -108,7 +108,7 @@ def test_splits_draw_different_captchas_from_one_seed(tmp_path, font):
 
 @pytest.fixture
 def one_text(monkeypatch):
-    monkeypatch.setattr(CaptchaGenerator, "random_texts", lambda rng, n, mix: ["AAAA"] * n)
+    monkeypatch.setattr(CaptchaGenerator, "random_texts", lambda rng, n, *design: ["AAAA"] * n)
 
 
 def test_repeated_texts_get_a_suffix_instead_of_overwriting(tmp_path, font, one_text):
@@ -129,7 +129,8 @@ def test_generating_into_a_full_folder_adds_and_never_replaces(tmp_path, font, o
 
 def test_a_name_taken_after_listing_moves_on_to_the_next(tmp_path, font):
     (tmp_path / "ABCD.png").write_bytes(b"someone else's")
-    name = write_captcha((str(tmp_path), "ABCD.png", "ABCD", font, 1))
+    design = CaptchaGenerator.captcha_design(font=font)
+    name = write_captcha((str(tmp_path), str(tmp_path), "ABCD.png", "ABCD", design, 1))
     assert name == "ABCD_1.png"
     assert (tmp_path / "ABCD.png").read_bytes() == b"someone else's"
     assert sorted(os.listdir(tmp_path)) == ["ABCD.png", "ABCD_1.png"]
@@ -248,3 +249,77 @@ def test_ctrl_c_leaves_only_whole_pngs(tmp_path):
     for name in files:
         with Image.open(tmp_path / name) as image:
             image.verify()
+
+
+# ## ImageCaptcha: any alphabet, length range and size
+
+
+def imagecaptcha(outdir, n=24, seed=5, workers=1, **options):
+    options = {"generator": "captcha", "width": 120, "height": 48, "charset": "alnum_lower",
+               "length": "4-6", **options}
+    return generate_captcha(outdir, num_captchas=n, seed=seed, workers=workers, **options)
+
+
+def test_a_range_of_lengths_draws_every_length_evenly_from_the_alphabet():
+    texts = random_texts(np.random.default_rng(0), 6000, "uniform", "abc123", (4, 6))
+    lengths = Counter(len(t) for t in texts)
+    assert sorted(lengths) == [4, 5, 6]
+    assert chisquare(list(lengths.values())).pvalue > 1e-4
+    assert set("".join(texts)) == set("abc123")
+
+
+def test_imagecaptcha_files_have_the_size_alphabet_and_lengths_asked_for(tmp_path):
+    names = imagecaptcha(tmp_path, n=40)
+    assert sorted(names) == sorted(os.listdir(tmp_path))
+    for name in names:
+        label = label_from_filename(name)
+        assert 4 <= len(label) <= 6 and re.fullmatch(r"[0-9a-z]+", label)
+        with Image.open(tmp_path / name) as image:
+            assert image.size == (120, 48) and image.mode == "RGB"
+    assert len({len(label_from_filename(n)) for n in names}) == 3
+
+
+def test_imagecaptcha_same_seed_same_bytes_whatever_the_worker_count(tmp_path):
+    imagecaptcha(tmp_path / "one", workers=1)
+    imagecaptcha(tmp_path / "two", workers=2)
+    imagecaptcha(tmp_path / "other", seed=6)
+    assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "two")
+    assert folder_bytes(tmp_path / "one") != folder_bytes(tmp_path / "other")
+
+
+def test_imagecaptcha_leaves_the_secrets_module_of_captcha_as_it_was(tmp_path):
+    import secrets
+
+    import captcha.image
+
+    imagecaptcha(tmp_path, n=3)
+    assert captcha.image.secrets is secrets
+
+
+def test_names_differ_in_more_than_case(tmp_path):
+    assert CaptchaGenerator.assign_names(["ab3x", "AB3X"], ["AB3X.png"]) == ["ab3x_1.png", "AB3X_2.png"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"generator": "pillow"}, "unknown --generator"),
+    ({"generator": "claptcha", "width": 100}, "claptcha draws 200x80 only"),
+    ({"generator": "claptcha", "charset": "digits", "mix": "book"}, "--mix book"),
+    ({"width": 8}, "width"),
+    ({"charset": ""}, "charset"),
+    ({"length": "6-4"}, "length"),
+])
+def test_bad_designs_are_one_line_errors_before_anything_is_written(tmp_path, options, message):
+    with pytest.raises(CaptchaError, match=re.escape(message)):
+        imagecaptcha(tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_imagecaptcha_command_line(tmp_path):
+    result = run_generator("--generator", "captcha", "--charset", "digits", "--length", "5",
+                           "--outdir_train", str(tmp_path / "train"), "--num_captchas_train", "6",
+                           "--outdir_test", str(tmp_path / "test"), "--num_captchas_test", "4",
+                           "--seed", "3", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "captcha 160x60, 5 characters of '0123456789', mix uniform" in result.stdout
+    assert len(os.listdir(tmp_path / "train")) == 6 and len(os.listdir(tmp_path / "test")) == 4
+    assert all(re.fullmatch(r"\d{5}(_\d+)?\.png", n) for n in os.listdir(tmp_path / "train"))
