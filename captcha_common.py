@@ -271,3 +271,35 @@ def run_cli(component, timer_name):
     except KeyboardInterrupt:
         print("interrupted: what was written whole is kept, nothing half-written is left", file=sys.stderr)
         sys.exit(130)
+
+
+@contextmanager
+def training_devices(distribute=False):
+    """Where a script builds and trains its model. With distribute, data-parallel over every
+    visible device (the GPUs, else the CPUs): Keras's DataParallel on JAX, MirroredStrategy on
+    TensorFlow. Each batch of batch_size is then one global batch split evenly across the
+    devices, and its gradient is that of the whole batch, so learning rates mean what they mean
+    on one device. Yields the number of devices."""
+    import keras
+
+    devices = keras.distribution.list_devices() if distribute else []
+    if len(devices) < 2:
+        if distribute:
+            print(f"--distribute: one device is visible ({devices[0]}); training on it alone")
+        yield 1
+        return
+    print(f"--distribute: data-parallel over {len(devices)} devices ({', '.join(devices)})")
+    backend = keras.backend.backend()
+    if backend == "jax":
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        try:
+            yield len(devices)
+        finally:
+            keras.distribution.set_distribution(None)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.distribute.MirroredStrategy([f"/{device}" for device in devices]).scope():
+            yield len(devices)
+    else:
+        raise CaptchaError(f"--distribute needs KERAS_BACKEND=jax or tensorflow, not {backend}")

@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras loads TensorFlow: no start-up chatter
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402  (GradientTape: the two-network step is TensorFlow's)
 from keras import layers, ops  # noqa: E402
 
 import gan_score  # noqa: E402
@@ -43,6 +42,7 @@ from captcha_common import (  # noqa: E402
     run_cli,
     save_figure,
     subplots,
+    training_devices,
 )
 
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
@@ -234,6 +234,67 @@ def discriminator(img_dim, alpha=0.2):
 # batch of fakes for G's step. D's step updates only D, and G's step reads D
 # through stateless_call, so it updates only G: not even D's BatchNorm
 # statistics move in G's step.
+#
+# The step is written once. Only taking gradients differs between backends:
+# TensorFlow records a GradientTape, JAX transforms a function of the weights.
+# Both are asked for the same two things: the gradient of a loss (D's step),
+# and a forward pass whose backward pass comes later (G's fakes, pulled back
+# after D's step, as `fake.backward()` would in PyTorch).
+
+BACKEND = keras.backend.backend()
+if BACKEND == "jax":
+    import jax
+
+    def value_and_grad(loss_fn):
+        """loss_fn(weights, *args) -> (loss, aux) becomes -> ((loss, aux), d loss / d weights)."""
+        return jax.value_and_grad(loss_fn, has_aux=True)
+
+    def forward_for_backward(fn, weights):
+        """fn(weights) -> (output, aux): the output, aux, and a pullback from d loss / d output
+        to d loss / d weights."""
+        output, pullback, aux = jax.vjp(fn, weights, has_aux=True)
+        return output, aux, lambda output_gradient: pullback(output_gradient)[0]
+
+elif BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    def _replicas():
+        return tf.distribute.get_strategy().num_replicas_in_sync
+
+    def value_and_grad(loss_fn):
+        """As jax.value_and_grad(loss_fn, has_aux=True). Under MirroredStrategy each replica's
+        gradient is divided by the replica count, since the optimizer sums them."""
+        def gradient(weights, *args):
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                loss, aux = loss_fn(weights, *args)
+                replica_share = loss / _replicas()
+            return (loss, aux), tape.gradient(replica_share, weights)
+        return gradient
+
+    def forward_for_backward(fn, weights):
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            output, aux = fn(weights)
+        return output, aux, lambda output_gradient: tape.gradient(output, weights, output_gradient)
+
+
+def bce(target, probability):
+    return ops.mean(keras.losses.binary_crossentropy(target, probability))
+
+
+class BothOptimizers:
+    """D's and G's optimizers as the one `model.optimizer` Keras's trainers look for: JAX's
+    trainer carries `optimizer.variables` through every compiled step, and nothing else."""
+
+    built = True
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def variables(self):
+        return [v for optimizer in self.optimizers for v in optimizer.variables]
 
 
 class DCGAN(keras.Model):
@@ -246,6 +307,7 @@ class DCGAN(keras.Model):
         self.noise_seed = keras.random.SeedGenerator(seed)
         self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
         self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
+        self.built = True  # both networks are; fit need not trace call() to build anything
 
     def compile(self, d_optimizer, g_optimizer, **kwargs):
         super().compile(**kwargs)
@@ -253,6 +315,7 @@ class DCGAN(keras.Model):
         self.g_optimizer = g_optimizer
         d_optimizer.build(self.discriminator.trainable_variables)
         g_optimizer.build(self.generator.trainable_variables)
+        self.optimizer = BothOptimizers(d_optimizer, g_optimizer)
 
     @property
     def metrics(self):
@@ -261,39 +324,72 @@ class DCGAN(keras.Model):
     def call(self, noise, training=False):
         return self.generator(noise, training=training)
 
+    def discriminator_loss(self, d_weights, d_state, real_images, fake_images):
+        """D's loss on a real batch and a fake batch, and D's BatchNorm statistics after both."""
+        d_real, d_state = self.discriminator.stateless_call(d_weights, d_state, real_images, training=True)
+        d_fake, d_state = self.discriminator.stateless_call(d_weights, d_state, fake_images, training=True)
+        real_target = ops.full_like(d_real, 1.0 - self.smooth_coef)  # the book's one-sided smoothing
+        return bce(real_target, d_real) + bce(ops.zeros_like(d_fake), d_fake), d_state
+
     def discriminator_step(self, real_images, fake_images):
         """One update of D's weights from a real batch and a fake batch; G is not touched."""
-        with tf.GradientTape() as tape:
-            d_real = self.discriminator(real_images, training=True)
-            d_fake = self.discriminator(fake_images, training=True)
-            d_loss = (ops.mean(keras.losses.binary_crossentropy(
-                          ops.full_like(d_real, 1.0 - self.smooth_coef), d_real))
-                      + ops.mean(keras.losses.binary_crossentropy(ops.zeros_like(d_fake), d_fake)))
-        weights = self.discriminator.trainable_variables
-        self.d_optimizer.apply(tape.gradient(d_loss, weights), weights)
+        d = self.discriminator
+        (d_loss, d_state), gradients = value_and_grad(self.discriminator_loss)(
+            values(d.trainable_variables), values(d.non_trainable_variables), real_images, fake_images)
+        assign(d.non_trainable_variables, d_state)
+        self.d_optimizer.apply(gradients, d.trainable_variables)
         return d_loss
 
     def generator_loss(self, fake_images):
         """How far D is from calling the fakes real, with D's state read but never written."""
         d_fake, _ = self.discriminator.stateless_call(
-            [v.value for v in self.discriminator.trainable_variables],
-            [v.value for v in self.discriminator.non_trainable_variables],
-            fake_images, training=True)
-        return ops.mean(keras.losses.binary_crossentropy(ops.ones_like(d_fake), d_fake))
+            values(self.discriminator.trainable_variables),
+            values(self.discriminator.non_trainable_variables), fake_images, training=True)
+        return bce(ops.ones_like(d_fake), d_fake), None
 
-    def train_step(self, real_images):
+    def draw_noise(self, batch_size):
+        return keras.random.normal((batch_size, self.latent_dim), seed=self.noise_seed)
+
+    def step(self, real_images):
+        """One training step on a batch of uint8 images, updating the variables in place."""
+        g = self.generator
         real_images = scale_images(real_images)
-        noise = keras.random.normal((ops.shape(real_images)[0], self.latent_dim), seed=self.noise_seed)
-        with tf.GradientTape() as tape:
-            fake_images = self.generator(noise, training=True)
-            with tape.stop_recording():
-                d_loss = self.discriminator_step(real_images, ops.stop_gradient(fake_images))
-            g_loss = self.generator_loss(fake_images)
-        weights = self.generator.trainable_variables
-        self.g_optimizer.apply(tape.gradient(g_loss, weights), weights)
+        noise = self.draw_noise(ops.shape(real_images)[0])
+        g_state = values(g.non_trainable_variables)
+        fake_images, g_state, generator_backward = forward_for_backward(
+            lambda weights: g.stateless_call(weights, g_state, noise, training=True),
+            values(g.trainable_variables))
+        assign(g.non_trainable_variables, g_state)
+        d_loss = self.discriminator_step(real_images, ops.stop_gradient(fake_images))
+        (g_loss, _), fake_gradient = value_and_grad(self.generator_loss)(fake_images)
+        self.g_optimizer.apply(generator_backward(fake_gradient), g.trainable_variables)
         self.d_loss_tracker.update_state(d_loss)
         self.g_loss_tracker.update_state(g_loss)
         return {m.name: m.result() for m in self.metrics}
+
+    if BACKEND == "jax":
+        def train_step(self, state, data):
+            """Keras's JAX trainer keeps the variables' values in `state`, outside the variables:
+            the step runs on them in a StatelessScope and hands back what it wrote."""
+            groups = (self.trainable_variables, self.non_trainable_variables,
+                      self.optimizer.variables, self.metrics_variables)
+            mapping = [pair for group, group_values in zip(groups, state)
+                       for pair in zip(group, group_values)]
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                logs = self.step(keras.utils.unpack_x_y_sample_weight(data)[0])
+            return logs, tuple([scope.get_current_value(v) for v in group] for group in groups)
+    else:
+        def train_step(self, data):
+            return self.step(keras.utils.unpack_x_y_sample_weight(data)[0])
+
+
+def values(variables):
+    return [v.value for v in variables]
+
+
+def assign(variables, new_values):
+    for variable, value in zip(variables, new_values):
+        variable.assign(value)
 
 
 def save_sample_grid(images, path, title=None):
@@ -408,20 +504,37 @@ def _optimizer_state(gan):
 
 
 def load_checkpoint(gan, outdir):
-    """Restore weights and optimizer state; returns the number of epochs already done."""
+    """Restore weights and optimizer state; returns the number of epochs already done. A file
+    that is missing, or of other networks or shapes, is one line naming it."""
+    path = outdir / "state.json"
     try:
-        epochs_done = json.loads((outdir / "state.json").read_text())["epochs_done"]
+        epochs_done = json.loads(path.read_text())["epochs_done"]
         for network in (gan.generator, gan.discriminator):
-            network.load_weights(outdir / f"{network.name}.weights.h5")
-        state = np.load(outdir / "optimizers.npz")
+            path = outdir / f"{network.name}.weights.h5"
+            network.load_weights(path)
+        path = outdir / "optimizers.npz"
+        state = np.load(path)
         for key, variable in _optimizer_state(gan).items():
+            if state[key].shape != tuple(variable.shape):
+                raise ValueError(f"{key} is {state[key].shape}, the optimizer's is {variable.shape}")
             variable.assign(state[key])
-    except (OSError, KeyError, ValueError) as error:
-        raise CaptchaError(f"cannot resume from {outdir}: {error}".splitlines()[0]) from None
+    except FileNotFoundError:
+        raise CaptchaError(f"cannot resume: there is no {path}") from None
+    except Exception as error:  # Keras and numpy raise several kinds for a file that doesn't fit
+        raise CaptchaError(f"cannot resume from {path}: it does not fit these networks "
+                           f"(gen_input_dim, dis_input_dim?): {error}".splitlines()[0]) from None
     return epochs_done
 
 
+def use_xla():
+    """Compile the step with XLA: always on JAX, whose only compiler it is; on TensorFlow only on a
+    GPU, since on this CPU it made TensorFlow's step about 14x slower."""
+    return BACKEND == "jax" or keras.distribution.list_devices()[0].startswith("gpu")
+
+
 def _checked_settings(batch_size, epochs, dis_input_dim):
+    if BACKEND not in ("tensorflow", "jax"):
+        raise CaptchaError(f"training the GAN needs KERAS_BACKEND=tensorflow or jax, not {BACKEND}")
     checked_whole_number("batch_size", batch_size, 1)
     checked_whole_number("epochs", epochs, 1)
     if not isinstance(dis_input_dim, (tuple, list)) or tuple(dis_input_dim) != IMAGE_SHAPE:
@@ -432,9 +545,13 @@ def _checked_settings(batch_size, epochs, dis_input_dim):
 def train(dest_train, outdir, dir_flag=False, batch_size=100, gen_input_dim=100, gen_beta1=0.5,
           gen_lr=0.0001, dis_input_dim=IMAGE_SHAPE, dis_lr=0.001, dis_beta1=0.5, alpha=0.2,
           epochs=100, smooth_coef=0.1, sample_every=0, resume=False, seed=None,
-          score_every=0, dest_test=None, score_images=10000):
+          score_every=0, dest_test=None, score_images=10000, distribute=False):
     """Train the DCGAN; checkpoints, sample grids and loss curves go to outdir every epoch, and
-    with score_every=K the scores of `score` every K epochs, keeping the best in outdir/best."""
+    with score_every=K the scores of `score` every K epochs, keeping the best in outdir/best.
+    With distribute=True, data-parallel over every visible device (GPUs, else CPUs): each step's
+    batch_size images are one global batch split evenly across the devices (batch_size must
+    divide evenly), gradients are those of the whole batch, and so gen_lr and dis_lr mean what
+    they mean on one device; scale them yourself if you scale batch_size."""
     _checked_settings(batch_size, epochs, dis_input_dim)
     checked_whole_number("score_every", score_every)
     if score_every and dir_flag:
@@ -447,17 +564,21 @@ def train(dest_train, outdir, dir_flag=False, batch_size=100, gen_input_dim=100,
     outdir = ensure_dir(outdir)
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    gan = DCGAN(generator(gen_input_dim, alpha), discriminator(dis_input_dim, alpha), smooth_coef, seed)
-    gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=dis_lr, beta_1=dis_beta1),
-                g_optimizer=keras.optimizers.Adam(learning_rate=gen_lr, beta_1=gen_beta1),
-                jit_compile=bool(tf.config.list_physical_devices("GPU")))  # XLA is far slower on CPU
-    epochs_done = load_checkpoint(gan, outdir) if resume else 0
-    fixed_noise = _fixed_noise(outdir, gen_input_dim, seed)
-    checkpoint = Checkpoint(outdir, fixed_noise, sample_every, scorer, score_every, seed)
-    print(f"{len(images)} training images, {math.ceil(len(images) / batch_size)} steps per epoch, "
-          f"epochs {epochs_done + 1}-{epochs}")
-    gan.fit(images, batch_size=batch_size, epochs=epochs, initial_epoch=epochs_done, shuffle=True,
-            callbacks=[checkpoint], verbose=progress_verbosity())
+    with training_devices(distribute) as devices:
+        if batch_size % devices:
+            raise CaptchaError(f"--batch_size {batch_size} does not split evenly over {devices} devices")
+        gan = DCGAN(generator(gen_input_dim, alpha), discriminator(dis_input_dim, alpha), smooth_coef,
+                    seed)
+        gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=dis_lr, beta_1=dis_beta1),
+                    g_optimizer=keras.optimizers.Adam(learning_rate=gen_lr, beta_1=gen_beta1),
+                    jit_compile=use_xla())
+        epochs_done = load_checkpoint(gan, outdir) if resume else 0
+        fixed_noise = _fixed_noise(outdir, gen_input_dim, seed)
+        checkpoint = Checkpoint(outdir, fixed_noise, sample_every, scorer, score_every, seed)
+        print(f"{len(images)} training images, {math.ceil(len(images) / batch_size)} steps per epoch, "
+              f"epochs {epochs_done + 1}-{epochs}")
+        gan.fit(images, batch_size=batch_size, epochs=epochs, initial_epoch=epochs_done, shuffle=True,
+                callbacks=[checkpoint], verbose=progress_verbosity())
     if checkpoint.failed:
         raise CaptchaError(f"{checkpoint.failed}; stopped, and kept the checkpoint of the last good "
                            f"epoch in {outdir}")

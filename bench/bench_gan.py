@@ -1,8 +1,10 @@
 """DCGAN training steps per second: the book's loop against our compiled step, same networks,
 same batch size, on an SVHN-sized file (73,257 images in SVHN's .mat layout, random pixels:
-speed doesn't depend on what the pictures show).
+speed doesn't depend on what the pictures show). Our step runs on TensorFlow (`ours`) and on
+JAX (`ours_jax`); the book's loop on TensorFlow, its own backend.
 
     .venv/bin/python bench/bench_gan.py --steps 10 --batch_size 100
+    KERAS_BACKEND=jax .venv/bin/python bench/bench_gan.py --variants ours_jax   # without TensorFlow
 
 The book's loop per batch: g.predict, d.train_on_batch on the real batch, d.train_on_batch on the
 fakes, g_d.train_on_batch on fresh noise; ported only as far as Keras 3 needs. Keras 3 reads
@@ -27,6 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.variants import best_of, report  # noqa: E402
 
 SVHN_TRAIN_IMAGES = 73257
+VARIANTS = {  # name: (label, backend)
+    "book": ("book: predict + 3 x train_on_batch", "tensorflow"),
+    "ours": ("ours: one compiled step", "tensorflow"),
+    "ours_jax": ("ours on JAX: one jitted step", "jax"),
+}
 
 
 def book_steps(mat, steps, batch_size, warmup):
@@ -69,7 +76,7 @@ def book_steps(mat, steps, batch_size, warmup):
 
 
 class StepTimer(keras.callbacks.Callback):
-    """Wall time of the batches after the first `warmup` of one fit call."""
+    """Wall time of the batches after the first `warmup` of one fit call, each waited for."""
 
     def __init__(self, warmup):
         super().__init__()
@@ -79,31 +86,35 @@ class StepTimer(keras.callbacks.Callback):
         if batch == self.warmup:
             self.start = time.perf_counter()
 
-    def on_train_end(self, logs=None):
-        self.seconds = time.perf_counter() - self.start
+    def on_train_batch_end(self, batch, logs=None):
+        float(logs["d_loss"])  # waits for the step, as train's NaN check does: JAX runs ahead
+        if batch >= self.warmup:
+            self.seconds = time.perf_counter() - self.start
 
 
 def our_steps(mat, steps, batch_size, warmup):
     """Our DCGAN.train_step through fit, timed over `steps` batches after `warmup` batches."""
-    import tensorflow as tf
-
-    from captcha_gan import DCGAN, discriminator, generator, read_data
+    from captcha_gan import DCGAN, discriminator, generator, read_data, use_xla
 
     images = read_data(mat)
     gan = DCGAN(generator(100, 0.2), discriminator((32, 32, 3), 0.2), 0.1)
     gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=0.001, beta_1=0.5),
                 g_optimizer=keras.optimizers.Adam(learning_rate=0.0001, beta_1=0.5),
-                jit_compile=bool(tf.config.list_physical_devices("GPU")))
+                jit_compile=use_xla())
     timer = StepTimer(warmup)
     gan.fit(images[:(warmup + steps) * batch_size], batch_size=batch_size, epochs=1, shuffle=True,
             callbacks=[timer], verbose=0)
     return timer.seconds
 
 
-def main(steps=10, batch_size=100, warmup=2, repeats=2, variant=None, mat=None):
+def main(steps=10, batch_size=100, warmup=2, repeats=2, variants=tuple(VARIANTS), variant=None,
+         mat=None):
+    """variants: which rows to run; a box without TensorFlow runs --variants ours_jax."""
     if variant:
-        seconds = {"book": book_steps, "ours": our_steps}[variant](mat, steps, batch_size, warmup)
+        seconds = {"book": book_steps, "ours": our_steps, "ours_jax": our_steps}[variant](
+            mat, steps, batch_size, warmup)
         return report(seconds)
+    variants = [variants] if isinstance(variants, str) else list(variants)
     from scipy.io import savemat
 
     rng = np.random.default_rng(0)
@@ -111,15 +122,19 @@ def main(steps=10, batch_size=100, warmup=2, repeats=2, variant=None, mat=None):
         mat = os.path.join(scratch, "train_32x32.mat")
         savemat(mat, {"X": rng.integers(0, 256, (32, 32, 3, SVHN_TRAIN_IMAGES), dtype=np.uint8),
                       "y": rng.integers(1, 11, (SVHN_TRAIN_IMAGES, 1)).astype(np.uint8)})
-        rows = best_of(__file__, ("book", "ours"), repeats, "--mat", mat, "--steps", steps,
-                       "--batch_size", batch_size, "--warmup", warmup)
+        rows = best_of(__file__, variants, repeats, "--mat", mat, "--steps", steps,
+                       "--batch_size", batch_size, "--warmup", warmup,
+                       environment={name: {"KERAS_BACKEND": VARIANTS[name][1]} for name in variants})
     print(f"\nbench_gan on {os.cpu_count()} cores: {steps} steps at batch {batch_size}, "
           f"{SVHN_TRAIN_IMAGES} images held in memory; fastest of {repeats} interleaved runs")
     print(f"{'':36}{'steps/s':>10}{'s/step':>10}{'peak MiB':>10}")
-    for name, label in (("book", "book: predict + 3 x train_on_batch"), ("ours", "ours: one compiled step")):
+    for name in variants:
         row = rows[name]
-        print(f"{label:36}{steps / row['seconds']:10.3f}{row['seconds'] / steps:10.3f}{row['peak_mib']:10.0f}")
-    print(f"speed-up: {rows['book']['seconds'] / rows['ours']['seconds']:.2f}x")
+        print(f"{VARIANTS[name][0]:36}{steps / row['seconds']:10.3f}{row['seconds'] / steps:10.3f}"
+              f"{row['peak_mib']:10.0f}")
+    for faster, slower, label in (("ours", "book", "speed-up"), ("ours_jax", "ours", "JAX against TensorFlow")):
+        if faster in rows and slower in rows:
+            print(f"{label}: {rows[slower]['seconds'] / rows[faster]['seconds']:.2f}x")
 
 
 if __name__ == "__main__":

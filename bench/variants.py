@@ -1,6 +1,7 @@
 """Running benchmark variants fairly on a noisy machine: each in a fresh process (so that its
 peak memory is its own), interleaved, repeated, and the fastest repeat kept."""
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -25,12 +26,14 @@ def report(seconds, **extra):
     print(json.dumps({"seconds": seconds, "peak_mib": peak_mib(), **extra}))
 
 
-def best_of(script, variants, repeats, *args):
-    """{variant: its fastest run}; runs go variant by variant, round after round."""
+def best_of(script, variants, repeats, *args, environment=None):
+    """{variant: its fastest run}; runs go variant by variant, round after round. environment maps
+    a variant to the variables its process gets on top of ours (KERAS_BACKEND, say)."""
     runs = {variant: [] for variant in variants}
     for _ in range(repeats):
         for variant in variants:
+            env = {**os.environ, **(environment or {}).get(variant, {})}
             result = subprocess.run([sys.executable, script, "--variant", variant, *map(str, args)],
-                                    capture_output=True, text=True, check=True)
+                                    capture_output=True, text=True, check=True, env=env)
             runs[variant].append(json.loads(result.stdout.strip().splitlines()[-1]))
     return {variant: min(rows, key=lambda row: row["seconds"]) for variant, rows in runs.items()}
