@@ -1,4 +1,5 @@
-"""What the chapter's scripts share: the alphabet, the label rule, the font, reading images, safe writes, figures, the CLI."""
+"""What the chapter's scripts share: the alphabet, the label rule, the font, reading images, safe writes, figures,
+a quiet start for Keras, the CLI."""
 import json
 import os
 import sys
@@ -259,12 +260,103 @@ def progress_verbosity():
     return 1 if sys.stdout.isatty() else 2
 
 
+# ## A quiet start
+#
+# TensorFlow writes its start-up lines (oneDNN, "Could not find cuda drivers", "failed call to
+# cuInit") straight to file descriptor 2, some before it reads TF_CPP_MIN_LOG_LEVEL, so they are
+# silenced there while Keras loads and looks for accelerators. `--verbose True` on the command
+# line, or the user's own TF_CPP_MIN_LOG_LEVEL, leaves TensorFlow to print as it likes.
+
+
+def verbose_requested(argv):
+    """Whether the command line asks for --verbose (True by default when the flag stands alone)."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--verbose="):
+            return arg.split("=", 1)[1] not in ("False", "false", "0")
+        if arg == "--verbose":
+            following = argv[index + 1] if index + 1 < len(argv) else "True"
+            return following not in ("False", "false", "0")
+    return False
+
+
+def without_verbose(argv):
+    """The command line without --verbose and its value, which run_cli handles for every command."""
+    kept, skip = [], False
+    for index, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--verbose":
+            skip = index + 1 < len(argv) and not argv[index + 1].startswith("--")
+        elif not arg.startswith("--verbose="):
+            kept.append(arg)
+    return kept
+
+
+@contextmanager
+def silenced_stderr():
+    """File descriptor 2, where C++ libraries write, pointed at /dev/null for a while."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def accelerators(backend):
+    """[(kind, name)] of the GPUs (or TPUs) that a Keras backend sees, in its order."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return [("GPU", tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name))
+                for gpu in tf.config.list_physical_devices("GPU")]
+    if backend == "jax":
+        import jax
+
+        return [(device.platform.upper(), device.device_kind) for device in jax.devices()
+                if device.platform != "cpu"]
+    return []
+
+
+def device_line(devices, backend):
+    """The one line naming the accelerator Keras computes on, or None on a CPU."""
+    if not devices:
+        return None
+    kind, name = devices[0]
+    others = f"; {len(devices)} {kind}s visible" if len(devices) > 1 else ""
+    return f"using {kind} 0: {name} (Keras on {backend}{others})"
+
+
+def start_keras(argv=None):
+    """Import Keras without TensorFlow's start-up lines, unless asked for them; then name the
+    accelerator used, if there is one, in one line on stderr."""
+    argv = sys.argv[1:] if argv is None else argv
+    if verbose_requested(argv) or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        import keras
+
+        devices = accelerators(keras.backend.backend())
+    else:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # later TensorFlow logs: errors only
+        with silenced_stderr():
+            import keras
+
+            devices = accelerators(keras.backend.backend())
+    line = device_line(devices, keras.backend.backend())
+    if line:
+        print(line, file=sys.stderr)
+
+
 def run_cli(component, timer_name):
     """Run a fire CLI under the book's ElapsedTimer; a CaptchaError becomes one line on stderr and
-    exit 2, Ctrl-C one line and exit 130."""
+    exit 2, Ctrl-C one line and exit 130. --verbose is taken off the command line (start_keras
+    reads it)."""
     try:
         with ElapsedTimer(timer_name):
-            fire.Fire(component)
+            fire.Fire(component, command=without_verbose(sys.argv[1:]))
     except CaptchaError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -274,7 +366,7 @@ def run_cli(component, timer_name):
 
 
 @contextmanager
-def training_devices(distribute=False):
+def training_devices(distribute, batch_size):
     """Where a script builds and trains its model. With distribute, data-parallel over every
     visible device (the GPUs, else the CPUs): Keras's DataParallel on JAX, MirroredStrategy on
     TensorFlow. Each batch of batch_size is then one global batch split evenly across the
@@ -288,6 +380,8 @@ def training_devices(distribute=False):
             print(f"--distribute: one device is visible ({devices[0]}); training on it alone")
         yield 1
         return
+    if batch_size % len(devices):
+        raise CaptchaError(f"--batch_size {batch_size} does not split evenly over {len(devices)} devices")
     print(f"--distribute: data-parallel over {len(devices)} devices ({', '.join(devices)})")
     backend = keras.backend.backend()
     if backend == "jax":

@@ -14,7 +14,6 @@ It is synthetic, drawn from installed fonts, and it is not SVHN.
 """
 import json
 import math
-import os
 import urllib.request
 from pathlib import Path
 
@@ -25,7 +24,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from scipy.io import loadmat, savemat
 from tqdm import tqdm
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras loads TensorFlow: no start-up chatter
+from captcha_common import start_keras
+
+start_keras()  # TensorFlow's start-up lines only with --verbose True
 import keras  # noqa: E402
 from keras import layers, ops  # noqa: E402
 
@@ -564,9 +565,7 @@ def train(dest_train, outdir, dir_flag=False, batch_size=100, gen_input_dim=100,
     outdir = ensure_dir(outdir)
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    with training_devices(distribute) as devices:
-        if batch_size % devices:
-            raise CaptchaError(f"--batch_size {batch_size} does not split evenly over {devices} devices")
+    with training_devices(distribute, batch_size):
         gan = DCGAN(generator(gen_input_dim, alpha), discriminator(dis_input_dim, alpha), smooth_coef,
                     seed)
         gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=dis_lr, beta_1=dis_beta1),
@@ -659,8 +658,8 @@ def build_scorer(dest_train, training_images, training_labels, dest_test=None, n
     if training_labels is None:
         raise CaptchaError(f"{dest_train} has no labels (y): the judge needs labelled digits")
     heldout_images, heldout_labels = read_mat(heldout_path(dest_train, dest_test))
-    judge = gan_score.load_or_train_judge(dest_train, training_images, training_labels,
-                                          seed, progress_verbosity())
+    judge = gan_score.load_or_train_judge(dest_train, training_images, training_labels, seed,
+                                          progress=True)
     scorer = gan_score.Scorer(judge, training_images, training_labels, heldout_images,
                               heldout_labels, num_images, seed)
     print("Scoring protocol: " + "; ".join(scorer.protocol()))

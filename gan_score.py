@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import linalg
+from tqdm import tqdm
 
 import keras
 from keras import layers
@@ -64,9 +65,24 @@ def _fingerprint(path):
     return digest.hexdigest()
 
 
-def load_or_train_judge(data_path, images, labels, seed=0, verbose=0, steps=JUDGE_STEPS):
+class StepBar(keras.callbacks.Callback):
+    """All of fit's batches as one progress bar, instead of a log line per epoch."""
+
+    def __init__(self, total, desc):
+        super().__init__()
+        self.bar = tqdm(total=total, desc=desc, unit="step", disable=None)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.bar.update()
+        self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+    def on_train_end(self, logs=None):
+        self.bar.close()
+
+
+def load_or_train_judge(data_path, images, labels, seed=0, progress=False, steps=JUDGE_STEPS):
     """The judge for a training file: trained once, for about `steps` batches of 128, then read
-    from <stem>.judge.keras beside it."""
+    from <stem>.judge.keras beside it. progress: one progress bar over its training."""
     data_path = Path(data_path)
     model_path = data_path.with_suffix(".judge.keras")
     info_path = data_path.with_suffix(".judge.json")
@@ -77,8 +93,11 @@ def load_or_train_judge(data_path, images, labels, seed=0, verbose=0, steps=JUDG
     print(f"Training the judge on {len(images)} labelled images of {data_path.name} (once; cached)")
     keras.utils.set_random_seed(seed)
     judge = judge_model(images.shape[1:])
-    epochs = math.ceil(steps / math.ceil(len(images) / 128))
-    judge.fit(images, digits_of(labels), batch_size=128, epochs=epochs, shuffle=True, verbose=verbose)
+    steps_per_epoch = math.ceil(len(images) / 128)
+    epochs = math.ceil(steps / steps_per_epoch)
+    callbacks = [StepBar(epochs * steps_per_epoch, "judge")] if progress else []
+    judge.fit(images, digits_of(labels), batch_size=128, epochs=epochs, shuffle=True, verbose=0,
+              callbacks=callbacks)
     with atomic_path(model_path) as temporary:
         judge.save(temporary)
     with atomic_path(info_path) as temporary:

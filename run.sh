@@ -51,7 +51,8 @@ demo() {
 
 case "${1:-}" in
   demo) demo ;;
-  test) shift; $PY -m pytest -q tests "$@" ;;
+  test) shift; $PY -m pytest -q tests "$@"
+        echo "== the GAN again, on JAX"; KERAS_BACKEND=jax $PY -m pytest -q tests/test_captcha_gan.py "$@" ;;
   bench) for b in bench/bench_*.py; do $PY "$b"; done ;;
   serve) $SERVE ;;
   *) echo "usage: ./run.sh demo|test|bench|serve" >&2; exit 2 ;;

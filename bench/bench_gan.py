@@ -1,7 +1,9 @@
 """DCGAN training steps per second: the book's loop against our compiled step, same networks,
 same batch size, on an SVHN-sized file (73,257 images in SVHN's .mat layout, random pixels:
 speed doesn't depend on what the pictures show). Our step runs on TensorFlow (`ours`) and on
-JAX (`ours_jax`); the book's loop on TensorFlow, its own backend.
+JAX (`ours_jax`), and on TensorFlow compiled by XLA (`ours_xla`), the compiler JAX always uses:
+the last row tells whether a slower JAX step is JAX's doing or XLA's on this CPU. The book's loop
+runs on TensorFlow, its own backend.
 
     .venv/bin/python bench/bench_gan.py --steps 10 --batch_size 100
     KERAS_BACKEND=jax .venv/bin/python bench/bench_gan.py --variants ours_jax   # without TensorFlow
@@ -22,10 +24,12 @@ from pathlib import Path
 import fire
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from captcha_common import start_keras  # noqa: E402
+
+start_keras([])
 import keras  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.variants import best_of, report  # noqa: E402
 
 SVHN_TRAIN_IMAGES = 73257
@@ -33,6 +37,7 @@ VARIANTS = {  # name: (label, backend)
     "book": ("book: predict + 3 x train_on_batch", "tensorflow"),
     "ours": ("ours: one compiled step", "tensorflow"),
     "ours_jax": ("ours on JAX: one jitted step", "jax"),
+    "ours_xla": ("ours on TensorFlow, XLA-compiled", "tensorflow"),
 }
 
 
@@ -92,15 +97,16 @@ class StepTimer(keras.callbacks.Callback):
             self.seconds = time.perf_counter() - self.start
 
 
-def our_steps(mat, steps, batch_size, warmup):
-    """Our DCGAN.train_step through fit, timed over `steps` batches after `warmup` batches."""
+def our_steps(mat, steps, batch_size, warmup, xla=None):
+    """Our DCGAN.train_step through fit, timed over `steps` batches after `warmup` batches; XLA as
+    train uses it unless xla says."""
     from captcha_gan import DCGAN, discriminator, generator, read_data, use_xla
 
     images = read_data(mat)
     gan = DCGAN(generator(100, 0.2), discriminator((32, 32, 3), 0.2), 0.1)
     gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=0.001, beta_1=0.5),
                 g_optimizer=keras.optimizers.Adam(learning_rate=0.0001, beta_1=0.5),
-                jit_compile=use_xla())
+                jit_compile=use_xla() if xla is None else xla)
     timer = StepTimer(warmup)
     gan.fit(images[:(warmup + steps) * batch_size], batch_size=batch_size, epochs=1, shuffle=True,
             callbacks=[timer], verbose=0)
@@ -111,8 +117,9 @@ def main(steps=10, batch_size=100, warmup=2, repeats=2, variants=tuple(VARIANTS)
          mat=None):
     """variants: which rows to run; a box without TensorFlow runs --variants ours_jax."""
     if variant:
-        seconds = {"book": book_steps, "ours": our_steps, "ours_jax": our_steps}[variant](
-            mat, steps, batch_size, warmup)
+        runs = {"book": book_steps, "ours": our_steps, "ours_jax": our_steps,
+                "ours_xla": lambda *args: our_steps(*args, xla=True)}
+        seconds = runs[variant](mat, steps, batch_size, warmup)
         return report(seconds)
     variants = [variants] if isinstance(variants, str) else list(variants)
     from scipy.io import savemat
@@ -132,7 +139,8 @@ def main(steps=10, batch_size=100, warmup=2, repeats=2, variants=tuple(VARIANTS)
         row = rows[name]
         print(f"{VARIANTS[name][0]:36}{steps / row['seconds']:10.3f}{row['seconds'] / steps:10.3f}"
               f"{row['peak_mib']:10.0f}")
-    for faster, slower, label in (("ours", "book", "speed-up"), ("ours_jax", "ours", "JAX against TensorFlow")):
+    for faster, slower, label in (("ours", "book", "speed-up"), ("ours_jax", "ours", "JAX against TensorFlow"),
+                                  ("ours_xla", "ours", "TensorFlow with XLA against without")):
         if faster in rows and slower in rows:
             print(f"{label}: {rows[slower]['seconds'] / rows[faster]['seconds']:.2f}x")
 

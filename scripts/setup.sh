@@ -37,6 +37,16 @@ if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ "$requirements" -
   touch "$stamp"
 fi
 
+# GPU=1 scripts/setup.sh [test]: CUDA builds as well, never by default. TensorFlow's and-cuda extra
+# brings its CUDA libraries from PyPI, JAX's cuda12 extra its own; the driver is the machine's.
+gpu_stamp=.venv/.gpu.installed
+if [ "${GPU:-0}" = 1 ] && { [ ! -f "$gpu_stamp" ] || [ requirements.txt -nt "$gpu_stamp" ]; }; then
+  echo "setup: installing TensorFlow's and JAX's CUDA builds into .venv (GPU=1)"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    "tensorflow[and-cuda]>=2.16,<3" "jax[cuda12]>=0.4.30,<1"
+  touch "$gpu_stamp"
+fi
+
 font_found() { .venv/bin/python -c 'import captcha_common; captcha_common.find_font()' 2>/dev/null; }
 if ! font_found; then
   apt_install fonts-dancingscript || true

@@ -46,11 +46,28 @@ def test_bench_generate_reports_both_loops():
 def test_bench_gan_reports_both_loops():
     output = run_bench("bench_gan.py", "--steps", "2", "--batch_size", "8", "--warmup", "1",
                        "--repeats", "1")
-    for label in ("book: predict + 3 x train_on_batch", "ours: one compiled step"):
+    for label in ("book: predict + 3 x train_on_batch", "ours: one compiled step",
+                  "ours on JAX: one jitted step"):
         row = next(line for line in output.splitlines() if line.startswith(label))
         steps_per_second, seconds_per_step, peak_mib = map(float, row[len(label):].split())
         assert steps_per_second > 0 and seconds_per_step > 0 and peak_mib > 100
     assert ratio(output, "speed-up") > 0
+    assert ratio(output, "JAX against TensorFlow") > 0
+
+
+def test_bench_time_to_accuracy_races_four_contestants(tmp_path):
+    output = run_bench("bench_time_to_accuracy.py", "--num_train", "200", "--num_check", "60",
+                       "--target", "0.0", "--cap_s", "4", "--outdir", tmp_path)
+    rows = [line for line in output.splitlines() if re.match(r"\| [1-4]\. ", line)]
+    assert [row.split(".")[0] for row in rows] == ["| 1", "| 2", "| 3", "| 4"]
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1].endswith(" s") and cells[-1].endswith(" MiB")  # a target of 0 is reached at once
+    last_two = output.strip().splitlines()[-2:]
+    assert re.fullmatch(r"time-to-target speed-up, whole-image: [0-9.]+x", last_two[0])
+    assert re.fullmatch(r"time-to-target speed-up, book network fast: [0-9.]+x", last_two[1])
+    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 10_000
+    assert (tmp_path / "time_to_accuracy.md").read_text().count("\n| ") == 6  # header, rule, 4 rows
 
 
 def test_a_variant_reports_its_own_peak_memory_not_its_parents():

@@ -213,7 +213,7 @@ def test_generators_step_leaves_the_discriminator_alone(gan, monkeypatch):
 
     monkeypatch.setattr(gan, "discriminator_step", spy)
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    gan.train_step(images)
+    gan.step(images)
     assert same(weights_of(gan.discriminator), after_d_step["d"])
     assert not same(trainable_weights_of(gan.generator), after_d_step["g"])
 
@@ -225,7 +225,7 @@ def trainable_weights_of(model):
 def test_batchnorm_trains_in_training_mode(gan):
     moving_mean = next(v for v in gan.discriminator.non_trainable_variables if "moving_mean" in v.path)
     before = np.array(moving_mean.numpy())
-    gan.train_step(np.full((6, 32, 32, 3), 200, np.uint8))
+    gan.step(np.full((6, 32, 32, 3), 200, np.uint8))
     assert not np.array_equal(before, moving_mean.numpy())
 
 

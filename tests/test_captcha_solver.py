@@ -521,3 +521,48 @@ def test_a_file_that_is_not_an_exported_breaker_is_one_line(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"not onnx")
     with pytest.raises(CaptchaError, match="not an ONNX CAPTCHA breaker"):
         load_breaker(tmp_path / "x.onnx")
+
+
+# ## Recipes
+
+
+def test_the_book_recipe_keeps_the_settings_given_and_float32():
+    assert captcha_solver.recipe_settings("book", "book", 16, 1e-3, 20, "constant") == (
+        16, 1e-3, 20, "constant", "float32")
+
+
+def test_the_fast_recipe_sets_its_own_settings(monkeypatch):
+    monkeypatch.setattr(captcha_solver, "fast_precision", lambda: "mixed_bfloat16")
+    batch_size, lr, epochs, schedule, policy = captcha_solver.recipe_settings("fast", "whole", 16, 1e-3, 20, "constant")
+    assert (batch_size, lr, epochs, schedule) == tuple(captcha_solver.FAST_RECIPES["whole"][key] for key in (
+        "batch_size", "lr", "epochs", "schedule"))
+    assert policy == "mixed_bfloat16"
+    with pytest.raises(CaptchaError, match="unknown --recipe 'quick'"):
+        captcha_solver.recipe_settings("quick", "book", 16, 1e-3, 20, "constant")
+
+
+@pytest.mark.parametrize("flags, policy", [("fpu avx2 avx512f avx512_bf16", "mixed_bfloat16"),
+                                           ("fpu amx_bf16 amx_tile", "mixed_bfloat16"),
+                                           ("fpu avx2 avx512f", "float32")])
+def test_bfloat16_only_where_the_cpu_computes_it(tmp_path, flags, policy):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert captcha_solver.fast_precision(cpuinfo) == policy
+    assert captcha_solver.fast_precision(tmp_path / "missing") == "float32"
+
+
+def test_one_cycle_rises_to_lr_then_falls_to_zero():
+    schedule = captcha_solver._learning_rate(1e-2, "onecycle", epochs=10, steps_per_epoch=10)
+    rates = [float(schedule(step)) for step in (0, 30, 65, 100)]
+    assert rates[0] == pytest.approx(1e-3) and rates[1] == pytest.approx(1e-2)
+    assert rates[1] > rates[2] > rates[3] and rates[3] < 1e-6
+
+
+def test_a_bfloat16_model_is_saved_as_float32(tmp_path):
+    model = captcha_solver.build_model("whole", BOOK_FORMAT, policy="mixed_bfloat16")
+    assert model.dtype_policy.name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"  # left as it was
+    saved = captcha_solver.float32_model(model, "whole", BOOK_FORMAT, captcha_solver.WHOLE_FILTERS)
+    assert saved.dtype_policy.name == "float32"
+    for ours, theirs in zip(saved.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(ours, np.asarray(theirs, dtype="float32"))

@@ -1,0 +1,111 @@
+"""A newcomer's terminal: each script's main commands, run as a user runs them, print none of
+TensorFlow's start-up lines on stderr; --verbose True brings them back."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TENSORFLOW_LINES = ("oneDNN", "cudart_stub", "cuInit", "cuda_platform", "absl::InitializeLog",
+                    "I0000 ", "W0000 ", "E0000 ", "This TensorFlow binary")
+
+
+def run(script, *args):
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def tensorflow_lines(stderr):
+    return [line for line in stderr.splitlines() if any(mark in line for mark in TENSORFLOW_LINES)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("quiet")
+
+
+def test_the_solvers_commands_are_quiet(captchas, workdir):
+    model = workdir / "solver" / "captcha_breaker.keras"
+    commands = [
+        ("train", "--dest_train", captchas / "train", "--dest_val", captchas / "val",
+         "--outdir", workdir / "solver", "--epochs", 1, "--seed", 0),
+        ("evaluate", "--model_path", model, "--eval_dest", captchas / "test", "--outdir", workdir / "eval"),
+        ("predict", next((captchas / "test").iterdir()), "--model_path", model),
+        ("export", "--model_path", model, "--format", "onnx"),
+    ]
+    for command in commands:
+        result = run("captcha_solver.py", *command)
+        assert tensorflow_lines(result.stderr) == [], command[0]
+
+
+def test_the_gans_commands_are_quiet(workdir):
+    from gan_score import load_or_train_judge
+    from captcha_gan import read_mat
+
+    data = workdir / "svhn" / "synthetic_svhn_train_32x32.mat"
+    commands = [
+        ("make-synthetic-svhn", "--outfile", data, "--num_images", 300, "--seed", 0),
+        ("make-synthetic-svhn", "--outfile", data.with_name("synthetic_svhn_test_32x32.mat"),
+         "--num_images", 300, "--seed", 1),
+        ("train", "--dest_train", data, "--outdir", workdir / "gan", "--batch_size", 100,
+         "--epochs", 1, "--seed", 0),
+        ("generate-captcha", "--model_dir", workdir / "gan", "--outdir", workdir / "gan" / "samples",
+         "--num_images", 4, "--seed", 0),
+        ("score", "--model_dir", workdir / "gan", "--dest_train", data, "--num_images", 150),
+    ]
+    for command in commands:
+        if command[0] == "score":  # a judge trained here in a few steps, so that score only loads it
+            load_or_train_judge(data, *read_mat(data), steps=2)
+        result = run("captcha_gan.py", *command)
+        assert tensorflow_lines(result.stderr) == [], command[0]
+
+
+def test_verbose_brings_tensorflows_lines_back(captchas):
+    image = next((captchas / "test").iterdir())
+    quiet = run("captcha_solver.py", "predict", image)
+    verbose = run("captcha_solver.py", "predict", image, "--verbose", "True")
+    assert tensorflow_lines(quiet.stderr) == []
+    assert tensorflow_lines(verbose.stderr)
+    assert quiet.stdout.splitlines()[0] == verbose.stdout.splitlines()[0]  # the same reading
+
+
+def test_the_judge_trains_under_one_bar_not_a_line_per_epoch(workdir, capsys):
+    from gan_score import load_or_train_judge
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(1, 11, (300, 1)).astype(np.uint8)
+    path = workdir / "judge_data.mat"
+    path.write_bytes(b"a training file's bytes, for the judge's fingerprint")
+    load_or_train_judge(path, images, labels, progress=True, steps=9)
+    out, err = capsys.readouterr()
+    assert "Epoch" not in out + err and "/step" not in out + err
+    assert (workdir / "judge_data.judge.keras").is_file()
+
+
+@pytest.mark.parametrize("argv, verbose", [
+    ([], False), (["--verbose"], True), (["--verbose", "True"], True), (["--verbose=False"], False),
+    (["train", "--verbose", "False", "--epochs", "2"], False),
+])
+def test_verbose_is_read_from_the_command_line(argv, verbose):
+    from captcha_common import verbose_requested, without_verbose
+
+    assert verbose_requested(argv) is verbose
+    assert not [arg for arg in without_verbose(argv) if arg.startswith("--verbose")]
+    assert "--epochs" not in argv or without_verbose(argv)[-2:] == ["--epochs", "2"]
+
+
+def test_one_line_names_the_accelerator_and_none_is_printed_on_a_cpu():
+    from captcha_common import device_line
+
+    assert device_line([], "tensorflow") is None
+    assert device_line([("GPU", "NVIDIA H100 80GB HBM3")], "jax") == \
+        "using GPU 0: NVIDIA H100 80GB HBM3 (Keras on jax)"
+    assert device_line([("GPU", "A100")] * 4, "tensorflow") == \
+        "using GPU 0: A100 (Keras on tensorflow; 4 GPUs visible)"
