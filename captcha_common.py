@@ -374,6 +374,8 @@ def training_devices(distribute, batch_size):
     on one device. Yields the number of devices."""
     import keras
 
+    if distribute and "KERAS_DISTRIBUTION_JOB_ADDRESSES" in os.environ:
+        keras.distribution.initialize()  # several hosts: JAX's multi-process set-up, from those variables
     devices = keras.distribution.list_devices() if distribute else []
     if len(devices) < 2:
         if distribute:

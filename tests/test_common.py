@@ -138,3 +138,19 @@ def test_atomic_path_replaces_in_one_step(tmp_path):
         temporary.write_text("new")
     assert target.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["model.weights.h5"]
+
+
+def test_distribute_on_several_hosts_initialises_from_kerass_variables(monkeypatch):
+    import keras
+
+    from captcha_common import training_devices
+
+    calls = []
+    monkeypatch.setattr(keras.distribution, "initialize", lambda: calls.append("initialize"))
+    with training_devices(True, 8) as devices:
+        assert devices == 1 and calls == []
+    monkeypatch.setenv("KERAS_DISTRIBUTION_JOB_ADDRESSES", "10.0.0.1:1234,10.0.0.2:2345")
+    with training_devices(True, 8):
+        assert calls == ["initialize"]
+    with training_devices(False, 8):
+        assert calls == ["initialize"]
