@@ -268,14 +268,22 @@ def progress_verbosity():
 # line, or the user's own TF_CPP_MIN_LOG_LEVEL, leaves TensorFlow to print as it likes.
 
 
+TRUE_WORDS, FALSE_WORDS = ("True", "true", "1"), ("False", "false", "0")
+
+
+def _verbose_value(argv, index):
+    """The word after --verbose at index, if it is its value (a boolean), else None."""
+    following = argv[index + 1] if index + 1 < len(argv) else None
+    return following if following in TRUE_WORDS + FALSE_WORDS else None
+
+
 def verbose_requested(argv):
-    """Whether the command line asks for --verbose (True by default when the flag stands alone)."""
+    """Whether the command line asks for --verbose (True when the flag stands alone)."""
     for index, arg in enumerate(argv):
         if arg.startswith("--verbose="):
-            return arg.split("=", 1)[1] not in ("False", "false", "0")
+            return arg.split("=", 1)[1] not in FALSE_WORDS
         if arg == "--verbose":
-            following = argv[index + 1] if index + 1 < len(argv) else "True"
-            return following not in ("False", "false", "0")
+            return _verbose_value(argv, index) not in FALSE_WORDS
     return False
 
 
@@ -286,7 +294,7 @@ def without_verbose(argv):
         if skip:
             skip = False
         elif arg == "--verbose":
-            skip = index + 1 < len(argv) and not argv[index + 1].startswith("--")
+            skip = _verbose_value(argv, index) is not None
         elif not arg.startswith("--verbose="):
             kept.append(arg)
     return kept

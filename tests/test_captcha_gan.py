@@ -282,6 +282,17 @@ def test_resume_without_a_checkpoint_is_a_clear_error(trained, tmp_path):
         train(mat, tmp_path / "empty", batch_size=8, gen_input_dim=16, epochs=2, resume=True)
 
 
+def test_resuming_networks_of_another_shape_is_one_line_naming_the_file(trained, tmp_path):
+    mat, run = trained
+    other = copy_run(run, tmp_path / "other")
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    with pytest.raises(CaptchaError) as error:
+        train(mat, other, batch_size=8, gen_input_dim=32, epochs=2, resume=True)
+    message = str(error.value)
+    assert "\n" not in message and f"cannot resume from {other / 'generator.weights.h5'}" in message
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+
+
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypatch):
     mat, run = trained
     kept = copy_run(run, tmp_path / "kept")

@@ -92,6 +92,7 @@ def test_the_judge_trains_under_one_bar_not_a_line_per_epoch(workdir, capsys):
 @pytest.mark.parametrize("argv, verbose", [
     ([], False), (["--verbose"], True), (["--verbose", "True"], True), (["--verbose=False"], False),
     (["train", "--verbose", "False", "--epochs", "2"], False),
+    (["predict", "--verbose", "img.png"], True),
 ])
 def test_verbose_is_read_from_the_command_line(argv, verbose):
     from captcha_common import verbose_requested, without_verbose
@@ -99,6 +100,7 @@ def test_verbose_is_read_from_the_command_line(argv, verbose):
     assert verbose_requested(argv) is verbose
     assert not [arg for arg in without_verbose(argv) if arg.startswith("--verbose")]
     assert "--epochs" not in argv or without_verbose(argv)[-2:] == ["--epochs", "2"]
+    assert "img.png" not in argv or without_verbose(argv) == ["predict", "img.png"]
 
 
 def test_one_line_names_the_accelerator_and_none_is_printed_on_a_cpu():
