@@ -81,11 +81,20 @@ def test_one_gan_step_gives_the_same_losses_and_weights_on_both_backends(tmp_pat
              tmp_path / "d.weights.h5", out], backend)
         results[backend] = np.load(out)
     tf_step, jax_step = results["tensorflow"], results["jax"]
-    start = generator(100, 0.2)
-    start.load_weights(tmp_path / "g.weights.h5")
-    assert not np.allclose(tf_step["w0"], start.get_weights()[0])  # the step did move G
-    for key in tf_step.files:
-        np.testing.assert_allclose(tf_step[key], jax_step[key], rtol=1e-3, atol=1e-5, err_msg=key)
+    for key in ("d_loss", "g_loss"):
+        np.testing.assert_allclose(tf_step[key], jax_step[key], rtol=1e-4, err_msg=key)
+    g = generator(100, 0.2)
+    g.load_weights(tmp_path / "g.weights.h5")
+    start = g.get_weights() + d.get_weights()
+    assert not np.allclose(tf_step["w0"], start[0])  # the step did move G
+    # Each tensor's update compared as a whole: a few of millions of elements may differ by float
+    # noise (summation order), while a wrong step (a sign, a smoothed label, BatchNorm in inference
+    # mode) is off by its whole size. Biases ahead of BatchNorm have no gradient but float noise,
+    # hence the small floor.
+    for i, before in enumerate(start):
+        tf_update, jax_update = tf_step[f"w{i}"] - before, jax_step[f"w{i}"] - before
+        gap = np.linalg.norm(tf_update - jax_update)
+        assert gap <= 1e-2 * np.linalg.norm(tf_update) + 1e-7, f"w{i}: update differs by {gap}"
 
 
 @pytest.fixture(scope="module")
