@@ -527,16 +527,18 @@ def test_a_file_that_is_not_an_exported_breaker_is_one_line(tmp_path):
 
 
 def test_the_book_recipe_keeps_the_settings_given_and_float32():
-    assert captcha_solver.recipe_settings("book", "book", 16, 1e-3, 20, "constant") == (
-        16, 1e-3, 20, "constant", "float32")
+    assert captcha_solver.recipe_settings("book", "whole", 16, 1e-3, 20, "constant", (8, 16)) == (
+        16, 1e-3, 20, "constant", (8, 16), "float32")
 
 
 def test_the_fast_recipe_sets_its_own_settings(monkeypatch):
     monkeypatch.setattr(captcha_solver, "fast_precision", lambda: "mixed_bfloat16")
-    batch_size, lr, epochs, schedule, policy = captcha_solver.recipe_settings("fast", "whole", 16, 1e-3, 20, "constant")
-    assert (batch_size, lr, epochs, schedule) == tuple(captcha_solver.FAST_RECIPES["whole"][key] for key in (
-        "batch_size", "lr", "epochs", "schedule"))
+    *settings, policy = captcha_solver.recipe_settings("fast", "whole", 16, 1e-3, 20, "constant", (8, 16))
+    assert tuple(settings) == tuple(captcha_solver.FAST_RECIPES["whole"][key] for key in (
+        "batch_size", "lr", "epochs", "schedule", "filters"))
     assert policy == "mixed_bfloat16"
+    *_, filters, _ = captcha_solver.recipe_settings("fast", "book", 16, 1e-3, 20, "constant", (8, 16))
+    assert filters == (8, 16)  # the book's network has no widths to set; the given ones pass through
     with pytest.raises(CaptchaError, match="unknown --recipe 'quick'"):
         captcha_solver.recipe_settings("quick", "book", 16, 1e-3, 20, "constant")
 
@@ -566,3 +568,12 @@ def test_a_bfloat16_model_is_saved_as_float32(tmp_path):
     assert saved.dtype_policy.name == "float32"
     for ours, theirs in zip(saved.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(ours, np.asarray(theirs, dtype="float32"))
+
+
+def test_train_with_the_fast_recipe_writes_a_float32_model_of_the_recipes_widths(captchas, tmp_path):
+    train(captchas / "train", captchas / "val", tmp_path, arch="whole", recipe="fast", seed=0)
+    model = keras.saving.load_model(tmp_path / "captcha_breaker.keras")
+    widths = tuple(layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+    assert widths == captcha_solver.FAST_RECIPES["whole"]["filters"]
+    assert model.dtype_policy.name == "float32"
+    assert len(pd.read_csv(tmp_path / "history.csv")) == captcha_solver.FAST_RECIPES["whole"]["epochs"]
