@@ -344,8 +344,8 @@ def _learning_rate(lr, schedule, epochs, steps_per_epoch):
 # Adam 1e-3, 20 epochs). `--recipe fast` sets batch size, learning rate, schedule and epochs to
 # those that reached the book's 93.2% soonest here (bench/bench_time_to_accuracy.py), and computes
 # in bfloat16 where the CPU has bfloat16 instructions (1.6x the steps a second of float32 on this
-# CPU); the model file is float32 either way. For the whole-image model it also halves the conv
-# widths past the first block: 2.3x the CAPTCHAs a second, and the target within 3 epochs.
+# CPU); the model file is float32 either way. For the whole-image model it also narrows the conv
+# widths from 32/64/96/128 to 16/32/64/96: 2.3x the CAPTCHAs a second, the target within 3 epochs.
 
 FAST_RECIPES = {
     "book": {"batch_size": 32, "lr": 3e-3, "schedule": "onecycle", "epochs": 6},
