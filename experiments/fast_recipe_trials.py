@@ -1,7 +1,8 @@
 """Issue 14 trials, as run: which fast recipe reaches 93.2% whole soonest. Each trial trains one
 contestant of bench/bench_time_to_accuracy.py with a recipe of its own, on a data folder that holds
-train/ and check/ as the benchmark's does, and prints its curve (training seconds: whole accuracy). The README's table came from an earlier
-copy that patched build_model for the widths; the recipe now carries them, so this one passes them there.
+train/ and check/ as the benchmark's does, and prints its curve (training seconds: whole accuracy).
+The README's table came from an earlier copy that patched build_model for the widths; the recipe
+now carries them, so this one passes them there.
 
 From the repository root:
   .venv/bin/python CaptchaGenerator.py --outdir_train data/tta/train --num_captchas_train 31270 \
