@@ -176,6 +176,39 @@ def read_image(path, grayscale=False):
     return image if grayscale else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+# ## House numbers
+#
+# A GAN house number of several digits is one 32x32 sample per digit, each cut to its middle
+# HOUSE_NUMBER_PITCH columns and set side by side: 32 px high, HOUSE_NUMBER_PITCH px a digit.
+# A reader of single 32x32 crops (the judge) reads it digit by digit through digit_windows.
+
+HOUSE_NUMBER_SIZE = 32
+HOUSE_NUMBER_PITCH = 16
+
+
+def house_number_digits(image):
+    """How many digits a composed house number holds, or 0 if image is not one (H x W x 3)."""
+    height, width = image.shape[:2]
+    if height != HOUSE_NUMBER_SIZE or width % HOUSE_NUMBER_PITCH:
+        return 0
+    return width // HOUSE_NUMBER_PITCH
+
+
+def digit_windows(image):
+    """N x 32 x 32 x 3: a 32x32 window centred on each digit of a composed house number, the
+    edges padded by repeating the outer columns, so each reads as a crop with its neighbours."""
+    import numpy as np
+
+    digits = house_number_digits(image)
+    if not digits:
+        raise CaptchaError(f"a {image.shape[1]}x{image.shape[0]} image is not a house number of "
+                           f"{HOUSE_NUMBER_PITCH}-px digits, {HOUSE_NUMBER_SIZE} px high")
+    margin = (HOUSE_NUMBER_SIZE - HOUSE_NUMBER_PITCH) // 2
+    padded = np.pad(image, ((0, 0), (margin, margin), (0, 0)), mode="edge")
+    return np.stack([padded[:, i * HOUSE_NUMBER_PITCH:i * HOUSE_NUMBER_PITCH + HOUSE_NUMBER_SIZE]
+                     for i in range(digits)])
+
+
 def find_font(font=None):
     """The font to draw with: the given path, else $CAPTCHA_FONT, else DancingScript-Regular found on the system."""
     if font is not None:
