@@ -332,7 +332,8 @@ def main_process(outdir_train=None, num_captchas_train=16000,
     for outdir, _ in requested.values():
         ensure_dir(outdir)
     for split, (outdir, count) in requested.items():
-        generate_captcha(outdir, design.font, count, mix, [root_seed, SPLITS.index(split)], workers, **options)
+        split_seed = [root_seed, SPLITS.index(split)]
+        generate_captcha(outdir, design.font, count, mix, split_seed, workers, **options)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""What the chapter's scripts share: the alphabet, the label rule, the font, reading images, safe writes, figures,
-a quiet start for Keras, the CLI."""
+"""What the chapter's scripts share: the alphabet, the label rule, the font, reading images, safe writes,
+figures, a quiet start for Keras, the CLI."""
 import json
 import os
 import sys
@@ -113,7 +113,8 @@ class CaptchaFormat:
 
     def __post_init__(self):
         letters = [c for c in self.charset if c.isalpha()]
-        if not self.case_sensitive and any(c.isupper() for c in letters) and any(c.islower() for c in letters):
+        mixed_case = any(c.isupper() for c in letters) and any(c.islower() for c in letters)
+        if mixed_case and not self.case_sensitive:
             raise CaptchaError("a charset with both upper- and lowercase letters needs --case_sensitive True")
 
     @classmethod
@@ -210,7 +211,8 @@ def digit_windows(image):
 
 
 def find_font(font=None):
-    """The font to draw with: the given path, else $CAPTCHA_FONT, else DancingScript-Regular found on the system."""
+    """The font to draw with: the given path, else $CAPTCHA_FONT, else DancingScript-Regular found on the
+    system."""
     if font is not None:
         return _checked_font_file(str(font))
     if os.environ.get("CAPTCHA_FONT"):

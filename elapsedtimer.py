@@ -14,7 +14,8 @@ def format_elapsed(seconds):
 
 
 class ElapsedTimer(ContextDecorator):
-    """Times a block (`with`) or a function (`@ElapsedTimer(name)`); prints only when it ends without error."""
+    """Times a block (`with`) or a function (`@ElapsedTimer(name)`); prints only when it ends without
+    error."""
 
     def __init__(self, name):
         self.name = name

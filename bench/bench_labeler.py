@@ -97,10 +97,12 @@ def run_one(name, db, root, clients, answers, workers, max_seconds, truth, label
     rows = dict(Database(db).query("SELECT image, COUNT(*) FROM votes GROUP BY image"))
     exact = all(counted[h] == sent.get(h, 0) == rows.get(h, 0) for h in counted)
     requests_ms, answers_ms = 1000 * np.array(request_seconds), 1000 * np.array(answer_seconds)
-    print(f"{name:<11} {len(answer_seconds):>7} {len(requests_ms) / seconds:>10.1f} {len(answer_seconds) / seconds:>9.1f}"
+    votes = f"{'exact' if exact else 'WRONG'} ({sum(sent.values())} votes on {len(counted)} images)"
+    print(f"{name:<11} {len(answer_seconds):>7} {len(requests_ms) / seconds:>10.1f}"
+          f" {len(answer_seconds) / seconds:>9.1f}"
           f" {np.percentile(requests_ms, 50):>7.1f} {np.percentile(requests_ms, 99):>7.1f}"
           f" {np.percentile(answers_ms, 50):>9.1f} {np.percentile(answers_ms, 99):>9.1f}"
-          f"   {'exact' if exact else 'WRONG'} ({sum(sent.values())} votes on {len(counted)} images)", flush=True)
+          f"   {votes}", flush=True)
     if not exact:
         raise SystemExit(f"{name}: the vote counts differ from the votes sent")
     return len(requests_ms) / seconds
@@ -114,8 +116,8 @@ def main(clients=32, answers=5000, workers=2, labelled=200, unlabelled=100, max_
             truth, labelled_hashes = make_images(root, labelled, unlabelled)
         print(f"bench_labeler: {clients} clients, {workers} uvicorn workers, up to {answers} answers per run "
               f"(4 requests each), {os.cpu_count()} cores")
-        print(f"{'database':<11} {'answers':>7} {'requests/s':>10} {'answers/s':>9} {'p50 ms':>7} {'p99 ms':>7}"
-              f" {'answer p50':>9} {'answer p99':>9}   votes")
+        print(f"{'database':<11} {'answers':>7} {'requests/s':>10} {'answers/s':>9} {'p50 ms':>7}"
+              f" {'p99 ms':>7} {'answer p50':>9} {'answer p99':>9}   votes")
         best = {"sqlite": 0.0, "postgresql": 0.0}
         for round_ in range(repeats):
             databases = {"sqlite": str(root / f"labels_{round_}.sqlite"),
@@ -123,8 +125,9 @@ def main(clients=32, answers=5000, workers=2, labelled=200, unlabelled=100, max_
             for name, db in databases.items():
                 rate = run_one(name, db, root, clients, answers, workers, max_seconds, truth, labelled_hashes)
                 best[name] = max(best[name], rate)
-        print(f"fastest of {repeats}: " + ", ".join(f"{name} {rate:.1f} requests/s" for name, rate in best.items())
-              + f"; PostgreSQL/SQLite: {best['postgresql'] / best['sqlite']:.2f}x")
+        fastest = ", ".join(f"{name} {rate:.1f} requests/s" for name, rate in best.items())
+        ratio = best["postgresql"] / best["sqlite"]
+        print(f"fastest of {repeats}: {fastest}; PostgreSQL/SQLite: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

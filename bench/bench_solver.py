@@ -154,8 +154,8 @@ EVAL_MODELS = {"ours_eval": ("untrained.keras", "eval"),
 def make_data(scratch, num_eval, num_train, seed):
     """The CAPTCHAs and untrained models that every variant reads (speed does not depend on weights)."""
     from captcha_common import CaptchaFormat, charset_from
-    from CaptchaGenerator import main_process
     from captcha_solver import _model_, export, save_breaker, whole_image_model
+    from CaptchaGenerator import main_process
 
     main_process(outdir_train=f"{scratch}/train", num_captchas_train=num_train,
                  outdir_test=f"{scratch}/eval", num_captchas_test=num_eval, seed=seed)

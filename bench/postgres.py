@@ -17,7 +17,8 @@ def server_binaries():
         return folders[-1]
     initdb = shutil.which("initdb")
     if initdb is None:
-        raise RuntimeError("PostgreSQL's server is not installed: scripts/setup.sh test installs Debian's postgresql")
+        raise RuntimeError("PostgreSQL's server is not installed: "
+                           "scripts/setup.sh test installs Debian's postgresql")
     return os.path.dirname(initdb)
 
 

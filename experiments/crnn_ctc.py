@@ -2,11 +2,17 @@
 
 From the repository root: .venv/bin/python experiments/crnn_ctc.py 6   (the argument is the epochs)
 """
-import sys, time, numpy as np
+import sys
+import time
+
+import numpy as np
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 import keras
 from keras import layers, ops
+
 import captcha_solver as S
+
 
 def load(folder):
     return S.load_captchas(S.list_captchas(folder))
@@ -43,11 +49,11 @@ def read(images):
 def score(images, labels, tag):
     codes = read(images)
     texts = [[c - 1 for c in row if c > 0] for row in codes]
-    whole = np.mean([t == list(l) for t, l in zip(texts, labels)])
-    per_char = np.mean([a == b for t, l in zip(texts, labels) for a, b in zip(t + [-1] * 4, l)])
+    whole = np.mean([t == list(label) for t, label in zip(texts, labels)])
+    per_char = np.mean([a == b for t, label in zip(texts, labels) for a, b in zip(t + [-1] * 4, label)])
     wrong_len = np.mean([len(t) != 4 for t in texts])
-    doubled = np.array([any(l[i] == l[i + 1] for i in range(3)) for l in labels])
-    ok = np.array([t == list(l) for t, l in zip(texts, labels)])
+    doubled = np.array([any(label[i] == label[i + 1] for i in range(3)) for label in labels])
+    ok = np.array([t == list(label) for t, label in zip(texts, labels)])
     print(f"{tag}: whole {whole:.4f} per-char {per_char:.4f} wrong length {wrong_len:.4f} "
           f"doubled-letter whole {ok[doubled].mean():.4f} (n={doubled.sum()})", flush=True)
 
@@ -59,4 +65,6 @@ t = time.time()
 model.fit(xtr, ytr + 1, batch_size=bs, epochs=epochs, callbacks=[Report()], verbose=2)
 print("train s", time.time() - t)
 score(xte, yte, "test fresh uniform")
-t = time.time(); read(xte); print("read 4000 s", time.time() - t)
+t = time.time()
+read(xte)
+print("read 4000 s", time.time() - t)

@@ -9,7 +9,11 @@ From the repository root:
       --outdir_test data/tta/check --num_captchas_test 2000 --seed 0
   .venv/bin/python experiments/fast_recipe_trials.py --batch 64 --lr 4e-3 --epochs 3 --filters 16,32,64,96
 """
-import contextlib, io, json, sys
+import contextlib
+import io
+import json
+import sys
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 import fire
 
@@ -17,10 +21,11 @@ import fire
 def main(batch=64, lr=4e-3, epochs=3, filters="32,64,96,128", arch="whole", data="data/tta", cap=900):
     from captcha_common import start_keras
     start_keras([])
-    import captcha_solver as S
     import bench.bench_time_to_accuracy as B
+    import captcha_solver as S
     widths = tuple(int(f) for f in str(filters).strip("()").split(","))
-    S.FAST_RECIPES[arch] = {"batch_size": batch, "lr": lr, "schedule": "onecycle", "epochs": epochs, "filters": widths}
+    S.FAST_RECIPES[arch] = {"batch_size": batch, "lr": lr, "schedule": "onecycle", "epochs": epochs,
+                            "filters": widths}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         B.run_contestant(4 if arch == "whole" else 3, data, cap, 0)

@@ -2,8 +2,14 @@
 
 From the repository root, once runs/whole is trained: .venv/bin/python experiments/shift_averaging.py
 """
-import sys; sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-import numpy as np, captcha_solver as S
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+import captcha_solver as S
+
 model = S.load_breaker("runs/whole/captcha_breaker.keras").model
 for folder in ("data/fresh2/uniform", "data/fresh2/book"):
     x, y = S.load_captchas(S.list_captchas(folder))

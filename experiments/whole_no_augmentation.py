@@ -2,11 +2,17 @@
 
 From the repository root: .venv/bin/python experiments/whole_no_augmentation.py
 """
-import sys, time, numpy as np
+import sys
+import time
+
+import numpy as np
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 import keras
 from keras import layers
+
 import captcha_solver as S
+
 
 def load(folder):
     files = S.list_captchas(folder)
@@ -40,4 +46,6 @@ model.fit(xtr, ytr, batch_size=bs, epochs=epochs, validation_data=(xva, yva), ve
 print("train s", time.time() - t)
 p = model.predict(xte, batch_size=512, verbose=0).argmax(-1)
 print("test uniform whole", (p == yte).all(1).mean(), "per char", (p == yte).mean())
-t = time.time(); model.predict(xte, batch_size=512, verbose=0); print("predict 4000 s", time.time() - t)
+t = time.time()
+model.predict(xte, batch_size=512, verbose=0)
+print("predict 4000 s", time.time() - t)

@@ -130,7 +130,8 @@ def test_a_batch_that_does_not_split_over_the_devices_is_one_line(svhn_like, tmp
                   "--batch_size", 15, "--epochs", 1, "--distribute", True], "jax",
                  {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, check=False)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: --batch_size 15 does not split evenly over 2 devices"
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == "error: --batch_size 15 does not split evenly over 2 devices"
 
 
 # ## Data-parallel on two virtual CPU devices against one device, from the same seed

@@ -45,8 +45,8 @@ def test_the_solvers_commands_are_quiet(captchas, workdir):
 
 
 def test_the_gans_commands_are_quiet(workdir):
-    from gan_score import load_or_train_judge
     from captcha_gan import read_mat
+    from gan_score import load_or_train_judge
 
     data = workdir / "svhn" / "synthetic_svhn_train_32x32.mat"
     commands = [
