@@ -16,7 +16,6 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import chain
 from pathlib import Path
 
 import captcha.image
@@ -32,12 +31,14 @@ from captcha_common import (
     DIGITS,
     LETTERS,
     CaptchaError,
+    candidate_names,
     charset_from,
     checked_whole_number,
     ensure_dir,
     find_font,
     hidden_temporary,
     lengths_from,
+    link_under_free_name,
     run_cli,
 )
 
@@ -204,15 +205,6 @@ def captcha_design(generator="claptcha", font=None, width=None, height=None,
 # ## Writing without overwriting
 
 
-def candidate_names(text):
-    """26UR.png, then 26UR_1.png, 26UR_2.png, ..."""
-    yield f"{text}.png"
-    suffix = 1
-    while True:
-        yield f"{text}_{suffix}.png"
-        suffix += 1
-
-
 def assign_names(texts, taken):
     """A free file name for each text, given the names already in the folder.
 
@@ -236,12 +228,7 @@ def write_captcha(job):
     temporary = hidden_temporary(Path(scratch) / name)
     try:
         image.save(temporary, format="PNG", compress_level=3)  # smaller and faster than 6 here
-        for candidate in chain([name], candidate_names(text)):
-            try:
-                os.link(temporary, Path(outdir) / candidate)
-                return candidate
-            except FileExistsError:  # taken since we listed the folder, or the same name but for case
-                continue
+        return link_under_free_name(temporary, outdir, text, first=name)
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -6,6 +6,7 @@ import sys
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 import fire
@@ -267,6 +268,37 @@ def atomic_path(final_path):
     try:
         yield temporary
         os.replace(temporary, final_path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def candidate_names(text):
+    """26UR.png, then 26UR_1.png, 26UR_2.png, ..."""
+    yield f"{text}.png"
+    suffix = 1
+    while True:
+        yield f"{text}_{suffix}.png"
+        suffix += 1
+
+
+def link_under_free_name(temporary, outdir, text, first=None):
+    """Link a written file into outdir as the first free name of candidate_names(text) (or first,
+    when it is free), and return that name: one step, and never over a file already there."""
+    for candidate in chain([first] if first else [], candidate_names(text)):
+        try:
+            os.link(temporary, Path(outdir) / candidate)
+            return candidate
+        except FileExistsError:  # taken since we listed the folder, or the same name but for case
+            continue
+
+
+def save_labelled_png(image, outdir, text):
+    """Write a PIL image into outdir as TEXT.png, or TEXT_1.png, ... when taken: whole, and never
+    replacing a file. Returns its name."""
+    temporary = hidden_temporary(Path(outdir) / f"{text}.png")
+    try:
+        image.save(temporary, format="PNG")
+        return link_under_free_name(temporary, outdir, text)
     finally:
         temporary.unlink(missing_ok=True)
 
