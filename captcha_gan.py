@@ -42,6 +42,7 @@ from captcha_common import (  # noqa: E402
     read_image,
     run_cli,
     save_figure,
+    save_labelled_png,
     subplots,
     training_devices,
 )
@@ -50,6 +51,7 @@ SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 SYNTHETIC_FILE = "synthetic_svhn_train_32x32.mat"
 IMAGE_SHAPE = (32, 32, 3)
+SHIPPED_GENERATOR = Path(__file__).resolve().parent / "models" / "gan_synthetic_svhn"
 
 # ## Data
 #
@@ -70,7 +72,7 @@ def read_mat(path):
     try:
         data = loadmat(path)
     except Exception as error:  # scipy raises several kinds for a file that isn't MATLAB
-        raise CaptchaError(f"{path} is not a readable .mat file: {error}".splitlines()[0])
+        raise CaptchaError(f"{path} is not a readable .mat file: {error}".splitlines()[0]) from None
     if "X" not in data:
         raise CaptchaError(f"{path} has no variable X: not in SVHN's layout")
     X = data["X"]
@@ -78,6 +80,15 @@ def read_mat(path):
         raise CaptchaError(f"{path}: X is {X.dtype} {X.shape}, SVHN's layout is uint8 H x W x 3 x N")
     labels = data["y"].reshape(-1) if "y" in data else None
     return np.ascontiguousarray(np.moveaxis(X, 3, 0)), labels
+
+
+def is_synthetic(path):
+    """Whether a .mat file is our SYNTHETIC stand-in: make-synthetic-svhn says so inside it."""
+    try:
+        note = loadmat(Path(str(path)), variable_names=["note"]).get("note")
+    except Exception:  # read_mat gives the one-line error for a file that can't be read
+        return False
+    return note is not None and "SYNTHETIC" in str(note)
 
 
 def read_data(dest, dir_flag=False):
@@ -171,8 +182,11 @@ def _house_number(rng, fonts, label):
     return np.asarray(image.resize(IMAGE_SHAPE[:2], Image.BILINEAR))
 
 
-def make_synthetic_svhn(outfile=f"data/synthetic_svhn/{SYNTHETIC_FILE}", num_images=10000, seed=0):
-    """Write a SYNTHETIC house-number set in SVHN's .mat layout: X 32x32x3xN uint8, y Nx1 in 1-10."""
+def make_synthetic_svhn(outfile=f"data/synthetic_svhn/{SYNTHETIC_FILE}", num_images=10000, seed=0,
+                        png_dir=None):
+    """Write a SYNTHETIC house-number set in SVHN's .mat layout: X 32x32x3xN uint8, y Nx1 in 1-10.
+    png_dir: each image also as DIGIT.png there (by the label rule), labelled CAPTCHAs for the
+    labeller to pair with GAN samples of the same size."""
     rng = np.random.default_rng(seed)
     fonts = _digit_fonts()
     labels = rng.integers(1, 11, num_images).astype(np.uint8)
@@ -184,42 +198,78 @@ def make_synthetic_svhn(outfile=f"data/synthetic_svhn/{SYNTHETIC_FILE}", num_ima
         savemat(temporary, {"X": np.moveaxis(images, 0, 3), "y": labels[:, None],
                             "note": "SYNTHETIC house numbers drawn from fonts; this is not SVHN"})
     print(f"{outfile}: {num_images} SYNTHETIC house numbers (not SVHN), {len(fonts)} fonts, seed {seed}")
+    if png_dir is not None:
+        png_dir = ensure_dir(png_dir)
+        for image, label in zip(images, labels):
+            save_labelled_png(Image.fromarray(image), png_dir, str(label % 10))
+        print(f"{png_dir}: the same {num_images} images as DIGIT.png")
 
 
 # ## Model
 #
-# The book's networks, layer for layer.
+# The book's networks, layer for layer, are the default. `--arch narrow` holds the changes the
+# trials kept (docs/gan.md): the PyTorch DCGAN example's 4x4 kernels, a generator of half the
+# book's widths, so that a step costs a fraction of the book's on a CPU, and a minibatch
+# standard-deviation feature before D's last layer (Karras et al. 2018), which lets D see how
+# varied a batch is and so punishes G for drawing one digit over and over.
+
+ARCHES = {  # name: generator widths, discriminator widths, kernel size, minibatch deviation
+    "book": {"gen_widths": (512, 256, 128), "dis_widths": (64, 128, 256), "kernel": 5,
+             "batch_deviation": False},
+    "narrow": {"gen_widths": (256, 128, 64), "dis_widths": (64, 128, 256), "kernel": 4,
+               "batch_deviation": True},
+}
 
 
-def generator(input_dim, alpha=0.2):
+def checked_arch(arch):
+    if arch not in ARCHES:
+        raise CaptchaError(f"unknown --arch {arch!r}: choose {' or '.join(ARCHES)}")
+    return ARCHES[arch]
+
+
+@keras.saving.register_keras_serializable(package="captcha_gan")
+class BatchDeviation(layers.Layer):
+    """Appends one feature map: the standard deviation of each feature across the batch, averaged
+    over features and positions. A batch of near-copies shows as a low value."""
+
+    def call(self, x):
+        deviation = ops.mean(ops.sqrt(ops.var(x, axis=0) + 1e-8))
+        shape = ops.shape(x)
+        return ops.concatenate([x, ops.full((shape[0], shape[1], shape[2], 1), deviation, x.dtype)],
+                               axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], input_shape[-1] + 1)
+
+
+def generator(input_dim, alpha=0.2, arch="book"):
+    widths, kernel = checked_arch(arch)["gen_widths"], checked_arch(arch)["kernel"]
+    upsampling = []
+    for filters in (*widths[1:], None):
+        upsampling += [layers.Conv2DTranspose(filters or 3, kernel_size=kernel, strides=2, padding="same")]
+        upsampling += ([layers.BatchNormalization(), layers.LeakyReLU(alpha)] if filters
+                       else [layers.Activation("tanh")])
     return keras.Sequential([
         keras.Input((input_dim,)),
-        layers.Dense(4 * 4 * 512),
-        layers.Reshape(target_shape=(4, 4, 512)),
+        layers.Dense(4 * 4 * widths[0]),
+        layers.Reshape(target_shape=(4, 4, widths[0])),  # 4x4, then 8x8, 16x16 and 32x32x3
         layers.BatchNormalization(),
         layers.LeakyReLU(alpha),
-        layers.Conv2DTranspose(256, kernel_size=5, strides=2, padding="same"),
-        layers.BatchNormalization(),
-        layers.LeakyReLU(alpha),
-        layers.Conv2DTranspose(128, kernel_size=5, strides=2, padding="same"),
-        layers.BatchNormalization(),
-        layers.LeakyReLU(alpha),
-        layers.Conv2DTranspose(3, kernel_size=5, strides=2, padding="same"),
-        layers.Activation("tanh"),
+        *upsampling,
     ], name="generator")
 
 
-def discriminator(img_dim, alpha=0.2):
+def discriminator(img_dim, alpha=0.2, arch="book"):
+    widths, kernel = checked_arch(arch)["dis_widths"], checked_arch(arch)["kernel"]
+    downsampling = []
+    for i, filters in enumerate(widths):  # 32x32x3 to 16x16, 8x8 and 4x4
+        downsampling.append(layers.Conv2D(filters, kernel_size=kernel, strides=2, padding="same"))
+        downsampling += [layers.BatchNormalization()] if i else []
+        downsampling.append(layers.LeakyReLU(alpha))
     return keras.Sequential([
         keras.Input(tuple(img_dim)),
-        layers.Conv2D(64, kernel_size=5, strides=2, padding="same"),
-        layers.LeakyReLU(alpha),
-        layers.Conv2D(128, kernel_size=5, strides=2, padding="same"),
-        layers.BatchNormalization(),
-        layers.LeakyReLU(alpha),
-        layers.Conv2D(256, kernel_size=5, strides=2, padding="same"),
-        layers.BatchNormalization(),
-        layers.LeakyReLU(alpha),
+        *downsampling,
+        *([BatchDeviation()] if checked_arch(arch)["batch_deviation"] else []),
         layers.Flatten(),
         layers.Dense(1),
         layers.Activation("sigmoid"),
@@ -305,6 +355,7 @@ class DCGAN(keras.Model):
         self.discriminator = discriminator
         self.smooth_coef = smooth_coef
         self.latent_dim = generator.input_shape[-1]
+        self.networks = {}  # the settings that rebuild both networks, saved with each checkpoint
         self.noise_seed = keras.random.SeedGenerator(seed)
         self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
         self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
@@ -420,7 +471,8 @@ def plot_losses(history, path):
     axes[0, 0].legend()
     if len(scored):
         axes[0, 1].plot(scored["epoch"] + 1, scored["fcd"], marker="o", color="C2")
-        axes[0, 1].set(xlabel="epoch", ylabel="FCD (lower is better)", title="Frechet distance in the judge's features")
+        axes[0, 1].set(xlabel="epoch", ylabel="FCD (lower is better)",
+                       title="Frechet distance in the judge's features")
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -493,7 +545,7 @@ def save_checkpoint(gan, outdir, epochs_done, **state):
     with atomic_path(outdir / "optimizers.npz") as temporary:
         np.savez(temporary, **{key: v.numpy() for key, v in _optimizer_state(gan).items()})
     with atomic_path(outdir / "state.json") as temporary:
-        temporary.write_text(json.dumps({"epochs_done": epochs_done, **state}))
+        temporary.write_text(json.dumps({"epochs_done": epochs_done, **gan.networks, **state}))
 
 
 def _optimizer_state(gan):
@@ -533,49 +585,91 @@ def use_xla():
     return BACKEND == "jax" or keras.distribution.list_devices()[0].startswith("gpu")
 
 
-def _checked_settings(batch_size, epochs, dis_input_dim):
+# ## Recipes
+#
+# `--recipe book` (the default) trains with the settings given, so the book's command line means
+# the book's recipe. `--recipe fast` replaces them with the recipe that reached readable, varied
+# samples soonest on a 2-core CPU; its trials are in experiments/gan_recipe_trials.py and
+# docs/gan.md. It is given in steps, so that it means the same on any size of data.
+
+RECIPES = ("book", "fast")
+FAST_RECIPE = {"arch": "narrow", "batch_size": 64, "gen_lr": 2e-4, "dis_lr": 2e-4, "gen_beta1": 0.5,
+               "dis_beta1": 0.5, "smooth_coef": 0.1, "steps": 6000}
+
+
+def recipe_settings(recipe, steps_per_epoch, **given):
+    """The settings a recipe trains with: the given ones for the book's, else the fast recipe's,
+    its steps as whole epochs of steps_per_epoch(batch_size)."""
+    if recipe == "book":
+        return given
+    if recipe != "fast":
+        raise CaptchaError(f"unknown --recipe {recipe!r}: choose {' or '.join(RECIPES)}")
+    settings = {**given, **FAST_RECIPE}
+    steps = settings.pop("steps")
+    return {**settings, "epochs": math.ceil(steps / steps_per_epoch(settings["batch_size"]))}
+
+
+def _checked_settings(batch_size, epochs, dis_input_dim, arch):
     if BACKEND not in ("tensorflow", "jax"):
         raise CaptchaError(f"training the GAN needs KERAS_BACKEND=tensorflow or jax, not {BACKEND}")
     checked_whole_number("batch_size", batch_size, 1)
     checked_whole_number("epochs", epochs, 1)
+    checked_arch(arch)
     if not isinstance(dis_input_dim, (tuple, list)) or tuple(dis_input_dim) != IMAGE_SHAPE:
         raise CaptchaError(f"--dis_input_dim must be {IMAGE_SHAPE}, the generator's output, "
                            f"got {dis_input_dim!r}")
 
 
+def build_gan(arch, gen_input_dim, alpha, dis_input_dim, smooth_coef, gen_lr, gen_beta1, dis_lr,
+              dis_beta1, seed=None):
+    """The DCGAN to train, compiled with its two optimizers."""
+    gan = DCGAN(generator(gen_input_dim, alpha, arch), discriminator(dis_input_dim, alpha, arch),
+                smooth_coef, seed)
+    gan.networks = {"arch": arch, "gen_input_dim": gen_input_dim, "alpha": alpha}
+    gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=dis_lr, beta_1=dis_beta1),
+                g_optimizer=keras.optimizers.Adam(learning_rate=gen_lr, beta_1=gen_beta1),
+                jit_compile=use_xla())
+    return gan
+
+
 def train(dest_train, outdir, dir_flag=False, batch_size=100, gen_input_dim=100, gen_beta1=0.5,
           gen_lr=0.0001, dis_input_dim=IMAGE_SHAPE, dis_lr=0.001, dis_beta1=0.5, alpha=0.2,
           epochs=100, smooth_coef=0.1, sample_every=0, resume=False, seed=None,
-          score_every=0, dest_test=None, score_images=10000, distribute=False):
+          score_every=0, dest_test=None, score_images=10000, distribute=False, recipe="book",
+          arch="book", judge=None):
     """Train the DCGAN; checkpoints, sample grids and loss curves go to outdir every epoch, and
     with score_every=K the scores of `score` every K epochs, keeping the best in outdir/best.
+    --recipe fast replaces arch, batch size, learning rates, betas, smoothing and epochs with the
+    fastest recipe found on a CPU (FAST_RECIPE); --arch narrow alone changes only the networks.
     With distribute=True, data-parallel over every visible device (GPUs, else CPUs): each step's
     batch_size images are one global batch split evenly across the devices (batch_size must
     divide evenly), gradients are those of the whole batch, and so gen_lr and dis_lr mean what
     they mean on one device; scale them yourself if you scale batch_size."""
-    _checked_settings(batch_size, epochs, dis_input_dim)
     checked_whole_number("score_every", score_every)
     if score_every and dir_flag:
         raise CaptchaError("--score_every needs labelled digits: a .mat file, not a folder (--dir_flag)")
     images, labels = read_mat(dest_train) if score_every else (read_data(dest_train, dir_flag), None)
+    settings = recipe_settings(recipe, lambda size: math.ceil(len(images) / size), arch=arch,
+                               batch_size=batch_size, gen_lr=gen_lr, dis_lr=dis_lr,
+                               gen_beta1=gen_beta1, dis_beta1=dis_beta1, smooth_coef=smooth_coef,
+                               epochs=epochs)
+    batch_size, epochs = settings.pop("batch_size"), settings.pop("epochs")
+    _checked_settings(batch_size, epochs, dis_input_dim, settings["arch"])
     if images.shape[1:] != IMAGE_SHAPE:
         raise CaptchaError(f"{dest_train}: images are {images.shape[1:]}, the networks need {IMAGE_SHAPE}")
-    scorer = (build_scorer(dest_train, images, labels, dest_test, score_images, seed or 0)
+    scorer = (build_scorer(dest_train, images, labels, dest_test, score_images, seed or 0, judge)
               if score_every else None)
     outdir = ensure_dir(outdir)
     if seed is not None:
         keras.utils.set_random_seed(seed)
     with training_devices(distribute, batch_size):
-        gan = DCGAN(generator(gen_input_dim, alpha), discriminator(dis_input_dim, alpha), smooth_coef,
-                    seed)
-        gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=dis_lr, beta_1=dis_beta1),
-                    g_optimizer=keras.optimizers.Adam(learning_rate=gen_lr, beta_1=gen_beta1),
-                    jit_compile=use_xla())
+        gan = build_gan(gen_input_dim=gen_input_dim, alpha=alpha, dis_input_dim=dis_input_dim,
+                        seed=seed, **settings)
         epochs_done = load_checkpoint(gan, outdir) if resume else 0
         fixed_noise = _fixed_noise(outdir, gen_input_dim, seed)
         checkpoint = Checkpoint(outdir, fixed_noise, sample_every, scorer, score_every, seed)
         print(f"{len(images)} training images, {math.ceil(len(images) / batch_size)} steps per epoch, "
-              f"epochs {epochs_done + 1}-{epochs}")
+              f"epochs {epochs_done + 1}-{epochs}" + (f", {recipe} recipe" if recipe != "book" else ""))
         gan.fit(images, batch_size=batch_size, epochs=epochs, initial_epoch=epochs_done, shuffle=True,
                 callbacks=[checkpoint], verbose=progress_verbosity())
     if checkpoint.failed:
@@ -601,10 +695,18 @@ def _fixed_noise(outdir, gen_input_dim, seed):
 
 
 def load_generator(model_dir, gen_input_dim=100, alpha=0.2):
-    g = generator(gen_input_dim, alpha)
-    weights = Path(str(model_dir)) / "generator.weights.h5"
+    """The generator of a checkpoint folder, built as its state.json says (the book's networks for
+    a checkpoint without one). A file of other settings or shapes is one line naming it."""
+    model_dir = Path(str(model_dir))
+    weights = model_dir / "generator.weights.h5"
     if not weights.is_file():
         raise CaptchaError(f"no generator checkpoint at {weights}: train first")
+    state_file = model_dir / "state.json"
+    networks = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    for name, given in (("gen_input_dim", gen_input_dim), ("alpha", alpha)):
+        if networks.get(name, given) != given:
+            raise CaptchaError(f"{weights} was trained with --{name} {networks[name]}, not {given}")
+    g = generator(gen_input_dim, alpha, networks.get("arch", "book"))
     try:
         g.load_weights(weights)
     except Exception as error:  # Keras raises several kinds for a mismatched file
@@ -619,10 +721,12 @@ def sample_images(g, num_images, seed=None):
     return g.predict(noise, batch_size=256, verbose=0)
 
 
-def generate_captcha(gen_input_dim=100, alpha=0.2, num_images=200, model_dir="runs/gan",
+def generate_captcha(gen_input_dim=100, alpha=0.2, num_images=200, model_dir=None,
                      outdir="runs/gan/captcha_for_use", seed=None):
-    """Sample num_images CAPTCHAs from a trained generator (model_dir/best: the best-scored one):
-    captcha_<i>.png and one contact sheet."""
+    """Sample num_images CAPTCHAs from a trained generator (model_dir/best: the best-scored one;
+    without model_dir, the shipped one, trained on the SYNTHETIC set): captcha_<i>.png and one
+    contact sheet."""
+    model_dir = SHIPPED_GENERATOR if model_dir is None else model_dir
     images = sample_images(load_generator(model_dir, gen_input_dim, alpha), num_images, seed)
     outdir = ensure_dir(outdir)
     for i, image in enumerate(to_uint8(images)):
@@ -651,15 +755,26 @@ def heldout_path(dest_train, dest_test=None):
                        "with another --seed)")
 
 
+def judge_for(dest_train, training_images, training_labels, judge=None, seed=0):
+    """--judge PATH; --judge train, the judge trained once on dest_train and cached beside it; by
+    default that one too, except that a SYNTHETIC training file gets the shipped judge of the
+    synthetic set, so scoring it needs no training."""
+    if judge not in (None, "train"):
+        return gan_score.load_judge(judge)
+    if judge is None and is_synthetic(dest_train):
+        return gan_score.load_judge(gan_score.SHIPPED_JUDGE)
+    return gan_score.load_or_train_judge(dest_train, training_images, training_labels, seed,
+                                         progress=True)
+
+
 def build_scorer(dest_train, training_images, training_labels, dest_test=None, num_images=10000,
-                 seed=0):
+                 seed=0, judge=None):
     """A Scorer for the images of dest_train, already read, and their labels."""
     checked_whole_number("num_images", num_images, 1)
     if training_labels is None:
         raise CaptchaError(f"{dest_train} has no labels (y): the judge needs labelled digits")
     heldout_images, heldout_labels = read_mat(heldout_path(dest_train, dest_test))
-    judge = gan_score.load_or_train_judge(dest_train, training_images, training_labels, seed,
-                                          progress=True)
+    judge = judge_for(dest_train, training_images, training_labels, judge, seed)
     scorer = gan_score.Scorer(judge, training_images, training_labels, heldout_images,
                               heldout_labels, num_images, seed)
     print("Scoring protocol: " + "; ".join(scorer.protocol()))
@@ -667,11 +782,11 @@ def build_scorer(dest_train, training_images, training_labels, dest_test=None, n
 
 
 def score(model_dir, dest_train, dest_test=None, outdir=None, num_images=10000, gen_input_dim=100,
-          alpha=0.2, seed=0):
+          alpha=0.2, seed=0, judge=None):
     """Score a trained generator against real images; writes score.md and two PNGs to outdir
-    (model_dir/score by default)."""
+    (model_dir/score by default). judge: a judge file, or 'train' (see judge_for)."""
     g = load_generator(model_dir, gen_input_dim, alpha)
-    scorer = build_scorer(dest_train, *read_mat(dest_train), dest_test, num_images, seed)
+    scorer = build_scorer(dest_train, *read_mat(dest_train), dest_test, num_images, seed, judge)
     scores, reading = scorer.score(to_uint8(sample_images(g, scorer.num_images, seed)))
     outdir = ensure_dir(outdir or Path(str(model_dir)) / "score")
     gan_score.write_report(scorer, scores, reading, outdir, f"Scores of {model_dir}")

@@ -15,24 +15,29 @@ import math
 import warnings
 from pathlib import Path
 
+import keras
 import numpy as np
+from keras import layers
 from scipy import linalg
 from tqdm import tqdm
-
-import keras
-from keras import layers
 
 from captcha_common import CaptchaError, atomic_path, save_figure, subplots
 
 DIGITS = 10
+NO_DIGIT = DIGITS  # the judge's eleventh class
 CONFIDENT = 0.9
 K_NEAREST = 3
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
 JUDGE_STEPS = 1500
+SHIPPED_JUDGE = Path(__file__).resolve().parent / "models" / "synthetic_svhn_judge.keras"
 
 # ## The judge
 #
-# SVHN labels a zero as 10; the judge's classes are the digits 0-9.
+# SVHN labels a zero as 10; the judge's classes are the digits 0-9 and one more, NO_DIGIT. A
+# classifier of digits alone reads anything as some digit: one trained only on house numbers read
+# uniform noise as a digit with 100% confidence. So it also learns images with no digit in them,
+# made from the real ones (non_digits), and a sample counts as read only where a digit, not
+# NO_DIGIT, takes the probability.
 
 
 def judge_model(image_shape):
@@ -46,7 +51,7 @@ def judge_model(image_shape):
     x = layers.GlobalAveragePooling2D()(x)
     features = layers.Dense(128, activation="relu", name="features")(x)
     x = layers.Dropout(0.3)(features)
-    outputs = layers.Dense(DIGITS, activation="softmax")(x)
+    outputs = layers.Dense(DIGITS + 1, activation="softmax")(x)
     model = keras.Model(inputs, outputs, name="judge")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
@@ -55,6 +60,29 @@ def judge_model(image_shape):
 
 def digits_of(labels):
     return np.asarray(labels).reshape(-1).astype(int) % 10
+
+
+def is_judge(model):
+    return model.name == "judge" and tuple(model.output_shape[1:]) == (DIGITS + 1,)
+
+
+def non_digits(images, rng):
+    """One image with no readable digit for each one given, made from it in one of four ways:
+    uniform noise, a heavy blur, its 8x8 tiles shuffled, or the average with another image."""
+    import cv2
+
+    made = np.empty_like(images)
+    for i, (image, kind) in enumerate(zip(images, rng.integers(0, 4, len(images)))):
+        if kind == 0:
+            made[i] = rng.integers(0, 256, image.shape)
+        elif kind == 1:
+            made[i] = cv2.GaussianBlur(image, (0, 0), float(rng.uniform(2.5, 4)))
+        elif kind == 2:
+            tiles = image.reshape(4, 8, 4, 8, -1).swapaxes(1, 2).reshape(16, 8, 8, -1)
+            made[i] = tiles[rng.permutation(16)].reshape(4, 4, 8, 8, -1).swapaxes(1, 2).reshape(image.shape)
+        else:
+            made[i] = (image.astype(np.uint16) + images[rng.integers(len(images))]) // 2
+    return made
 
 
 def _fingerprint(path):
@@ -80,6 +108,21 @@ class StepBar(keras.callbacks.Callback):
         self.bar.close()
 
 
+def load_judge(path):
+    """A judge saved by this module, or one line saying why the file isn't one."""
+    path = Path(str(path))
+    if not path.is_file():
+        raise CaptchaError(f"no judge at {path}")
+    try:
+        judge = keras.models.load_model(path)
+    except Exception as error:  # Keras raises several kinds for a file that isn't a model
+        raise CaptchaError(f"{path} is not a readable Keras model: {error}".splitlines()[0]) from None
+    if not is_judge(judge):
+        raise CaptchaError(f"{path} is not a digit judge (a model named 'judge' with {DIGITS + 1} "
+                           "outputs: the digits and NO_DIGIT)")
+    return judge
+
+
 def load_or_train_judge(data_path, images, labels, seed=0, progress=False, steps=JUDGE_STEPS):
     """The judge for a training file: trained once, for about `steps` batches of 128, then read
     from <stem>.judge.keras beside it. progress: one progress bar over its training."""
@@ -89,15 +132,20 @@ def load_or_train_judge(data_path, images, labels, seed=0, progress=False, steps
     fingerprint = _fingerprint(data_path)
     if model_path.is_file() and info_path.is_file():
         if json.loads(info_path.read_text()).get("data_sha256") == fingerprint:
-            return keras.models.load_model(model_path)
+            judge = keras.models.load_model(model_path)
+            if is_judge(judge):  # an older judge without NO_DIGIT is trained again
+                return judge
     print(f"Training the judge on {len(images)} labelled images of {data_path.name} (once; cached)")
     keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    negatives = non_digits(images[rng.choice(len(images), len(images) // 4)], rng)
+    x = np.concatenate([images, negatives])
+    y = np.concatenate([digits_of(labels), np.full(len(negatives), NO_DIGIT)])
     judge = judge_model(images.shape[1:])
-    steps_per_epoch = math.ceil(len(images) / 128)
+    steps_per_epoch = math.ceil(len(x) / 128)
     epochs = math.ceil(steps / steps_per_epoch)
     callbacks = [StepBar(epochs * steps_per_epoch, "judge")] if progress else []
-    judge.fit(images, digits_of(labels), batch_size=128, epochs=epochs, shuffle=True, verbose=0,
-              callbacks=callbacks)
+    judge.fit(x, y, batch_size=128, epochs=epochs, shuffle=True, verbose=0, callbacks=callbacks)
     with atomic_path(model_path) as temporary:
         judge.save(temporary)
     with atomic_path(info_path) as temporary:
@@ -118,7 +166,8 @@ class Reading:
         self.images = images
         self.features = features
         self.probabilities = probabilities
-        self.digits = probabilities.argmax(axis=1)
+        self.digits = probabilities[:, :DIGITS].argmax(axis=1)
+        self.confidence = probabilities[:, :DIGITS].max(axis=1)  # NO_DIGIT's share is no digit's
 
     @classmethod
     def of(cls, reader, images):
@@ -227,10 +276,28 @@ METRICS = {  # name: (column in losses.csv, how to read it)
     "precision": ("precision", "share of samples on the real manifold (k=3); higher is better"),
     "recall": ("recall", "share of real images the samples cover (k=3); higher is better"),
     "digit TV": ("digit_tv", "total variation between read digits and the label prior; lower is better"),
-    "confident": ("confident", f"share the judge reads with confidence >= {CONFIDENT}; a readable CAPTCHA"),
+    "confident": ("confident", f"share the judge reads as one digit with confidence >= {CONFIDENT}; "
+                  "a readable CAPTCHA"),
     "copies": ("copies", "share nearer a training image than 99% of held-out images come; lower is better"),
     "NN distance": ("nn_distance", "median distance to the nearest training image, in the judge's features"),
 }
+
+
+# The goals a generator's samples must reach to be usable CAPTCHAs (issue 18), each against the
+# floor where the floor sets the scale.
+GOALS = {
+    "confident": (lambda value, floor: value >= 0.9 * floor, "at least 0.9 x the floor's"),
+    "precision": (lambda value, floor: value >= 0.70, "at least 0.70"),
+    "recall": (lambda value, floor: value >= 0.40, "at least 0.40"),
+    "digit TV": (lambda value, floor: value <= 0.10, "at most 0.10"),
+    "copies": (lambda value, floor: value <= 2 * floor, "at most 2 x the floor's"),
+    "FCD": (lambda value, floor: value <= 5, "at most 5"),
+}
+
+
+def goals_met(scores, floor):
+    """{metric: whether its goal is met} for one set of scores."""
+    return {name: bool(test(scores[name], floor[name])) for name, (test, _) in GOALS.items()}
 
 
 class Scorer:
@@ -278,7 +345,7 @@ class Scorer:
             "precision": precision,
             "recall": recall,
             "digit TV": total_variation(digit_histogram(sample.digits), self.prior),
-            "confident": float((sample.probabilities.max(axis=1) >= CONFIDENT).mean()),
+            "confident": float((sample.confidence >= CONFIDENT).mean()),
             "copies": float((distances < self.copy_threshold).mean()),
             "NN distance": float(np.median(distances)),
         }
@@ -302,10 +369,13 @@ class Scorer:
 
 def write_report(scorer, scores, reading, outdir, title):
     """score.md (the table and protocol), digit_histogram.png and nearest_neighbours.png in outdir."""
-    rows = [f"| {name} | {scores[name]:.4g} | {scorer.floor[name]:.4g} | {meaning} |"
-            for name, (_, meaning) in METRICS.items()]
-    text = "\n".join([f"# {title}", "", "| metric | generated | floor (real vs real) | meaning |",
-                      "| --- | --- | --- | --- |", *rows, "", "Protocol:", "",
+    met = goals_met(scores, scorer.floor)
+    rows = [f"| {name} | {scores[name]:.4g} | {scorer.floor[name]:.4g} | {_goal_cell(name, met)} "
+            f"| {meaning} |" for name, (_, meaning) in METRICS.items()]
+    verdict = (f"All {len(met)} goals met." if all(met.values()) else
+               f"Goals met: {sum(met.values())} of {len(met)}.")
+    text = "\n".join([f"# {title}", "", "| metric | generated | floor (real vs real) | goal | meaning |",
+                      "| --- | --- | --- | --- | --- |", *rows, "", verdict, "", "Protocol:", "",
                       *[f"- {line}" for line in scorer.protocol()], "",
                       "These figures use the judge's features, not Inception's: they are not "
                       "comparable with published FIDs.", ""])
@@ -314,6 +384,12 @@ def write_report(scorer, scores, reading, outdir, title):
     plot_digit_histogram(scorer, reading, outdir / "digit_histogram.png")
     plot_nearest_neighbours(scorer, reading, outdir / "nearest_neighbours.png")
     print(text)
+
+
+def _goal_cell(name, met):
+    if name not in GOALS:
+        return ""
+    return f"{GOALS[name][1]}: {'met' if met[name] else 'not met'}"
 
 
 def plot_digit_histogram(scorer, reading, path):

@@ -1,5 +1,6 @@
 import http.server
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -179,6 +180,36 @@ def test_networks_are_the_books():
     assert d.output_shape == (None, 1)
 
 
+def test_the_narrow_networks_are_the_books_layers_with_4x4_kernels_and_half_gs_widths():
+    book_g, narrow_g = generator(100, 0.2), generator(100, 0.2, arch="narrow")
+    book_d, narrow_d = discriminator((32, 32, 3)), discriminator((32, 32, 3), arch="narrow")
+    kinds = [type(layer).__name__ for layer in book_g.layers + book_d.layers]
+    assert [type(layer).__name__ for layer in narrow_g.layers + narrow_d.layers] == kinds
+    assert narrow_g.layers[0].units == 4 * 4 * 256 and narrow_g.output_shape == (None, 32, 32, 3)
+    assert [layer.filters for layer in narrow_g.layers if hasattr(layer, "filters")] == [128, 64, 3]
+    assert all(layer.kernel_size == (4, 4) for layer in narrow_g.layers + narrow_d.layers
+               if hasattr(layer, "kernel_size"))
+    assert narrow_g.count_params() < book_g.count_params() / 4
+
+
+def test_an_unknown_arch_or_recipe_is_one_line(tmp_path):
+    mat = write_svhn_mat(tmp_path / "train_32x32.mat", n=8)
+    with pytest.raises(CaptchaError, match="unknown --arch 'wide'"):
+        train(mat, tmp_path / "run", arch="wide")
+    with pytest.raises(CaptchaError, match="unknown --recipe 'quick'"):
+        train(mat, tmp_path / "run", recipe="quick")
+
+
+def test_the_books_recipe_keeps_the_settings_given_and_the_fast_one_replaces_them():
+    given = dict(arch="book", batch_size=100, gen_lr=1e-4, dis_lr=1e-3, gen_beta1=0.5, dis_beta1=0.5,
+                 smooth_coef=0.1, epochs=100)
+    assert captcha_gan.recipe_settings("book", lambda size: 1, **given) == given
+    fast = captcha_gan.recipe_settings("fast", lambda size: math.ceil(40000 / size), **given)
+    recipe = captcha_gan.FAST_RECIPE
+    assert {k: fast[k] for k in given if k != "epochs"} == {k: recipe[k] for k in given if k != "epochs"}
+    assert fast["epochs"] == math.ceil(recipe["steps"] / math.ceil(40000 / recipe["batch_size"]))
+
+
 # ## Each network's step changes only that network
 
 
@@ -257,7 +288,8 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     resumed = copy_run(run, tmp_path / "resumed")
     g_before = loadable_generator_weights(resumed / "generator.weights.h5")
     train(mat, resumed, batch_size=8, gen_input_dim=16, epochs=2, resume=True, seed=0)
-    assert json.loads((resumed / "state.json").read_text()) == {"epochs_done": 2}
+    assert json.loads((resumed / "state.json").read_text()) == {
+        "epochs_done": 2, "arch": "book", "gen_input_dim": 16, "alpha": 0.2}
     assert list(pd.read_csv(resumed / "losses.csv").epoch) == [0, 1]
     assert (resumed / "samples_epoch_002.png").exists()
     assert not same(loadable_generator_weights(resumed / "generator.weights.h5"), g_before)
@@ -331,6 +363,36 @@ def test_generate_captcha_needs_a_matching_checkpoint(trained, tmp_path):
         generate_captcha(model_dir=tmp_path, outdir=tmp_path / "out")
     with pytest.raises(CaptchaError, match="does not fit"):
         generate_captcha(gen_input_dim=100, model_dir=run, outdir=tmp_path / "out")
+
+
+def test_a_fast_recipe_run_is_rebuilt_with_its_networks(tmp_path, monkeypatch):
+    monkeypatch.setitem(captcha_gan.FAST_RECIPE, "steps", 2)
+    mat = write_svhn_mat(tmp_path / "train_32x32.mat", n=8)
+    compiled = []
+    fit = DCGAN.fit
+    monkeypatch.setattr(DCGAN, "fit", lambda self, *a, **k: compiled.append((self, k)) or fit(self, *a, **k))
+    train(mat, tmp_path / "run", recipe="fast", gen_input_dim=16, seed=0)
+    gan, fit_arguments = compiled[0]
+    assert fit_arguments["batch_size"] == captcha_gan.FAST_RECIPE["batch_size"]
+    assert float(gan.d_optimizer.learning_rate) == pytest.approx(captcha_gan.FAST_RECIPE["dis_lr"])
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["arch"] == "narrow"
+    g = captcha_gan.load_generator(tmp_path / "run", gen_input_dim=16)
+    assert g.count_params() == generator(16, arch="narrow").count_params()
+    with pytest.raises(CaptchaError, match="trained with --alpha 0.2, not 0.3"):
+        captcha_gan.load_generator(tmp_path / "run", gen_input_dim=16, alpha=0.3)
+    with pytest.raises(CaptchaError, match="trained with --gen_input_dim 16, not 100"):
+        captcha_gan.load_generator(tmp_path / "run")
+
+
+def test_generate_captcha_without_a_model_dir_samples_the_shipped_generator(tmp_path):
+    generate_captcha(num_images=4, outdir=tmp_path / "a", seed=3)
+    generate_captcha(num_images=4, outdir=tmp_path / "b", seed=3)
+    pictures = [np.asarray(Image.open(tmp_path / "a" / f"captcha_{i}.png")) for i in range(4)]
+    assert all(picture.shape == (32, 32, 3) for picture in pictures)
+    assert not np.array_equal(pictures[0], pictures[1])  # four draws, not one
+    assert (tmp_path / "a" / "captcha_2.png").read_bytes() == (tmp_path / "b" / "captcha_2.png").read_bytes()
+    provenance = json.loads((captcha_gan.SHIPPED_GENERATOR / "provenance.json").read_text())
+    assert "SYNTHETIC" in provenance["data"]
 
 
 def test_the_books_command_lines(tmp_path):

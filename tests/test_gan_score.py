@@ -1,34 +1,77 @@
 import json
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
 
+import captcha_gan
 import gan_score
 from captcha_common import CaptchaError
 from captcha_gan import make_synthetic_svhn, read_mat, score, train
-from gan_score import Scorer, frechet_distance, load_or_train_judge
+from gan_score import SHIPPED_JUDGE, Scorer, frechet_distance, goals_met, load_judge, load_or_train_judge
 
 N = 300  # images per side: more than the judge's 128 features, few enough for a quick test
 
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    """Synthetic house numbers: a training file with its cached judge, a held-out file beside it
-    (found by name), and a third disjoint set to play a perfect generator."""
+    """Synthetic house numbers: a training file, a held-out file beside it (found by name), and a
+    third disjoint set to play a perfect generator, scored by the shipped judge: trained on 40,000
+    images, it reads the same on every machine."""
     root = tmp_path_factory.mktemp("scoring")
     for name, count, seed in (("train", 2000, 0), ("test", N, 1), ("fresh", N, 2)):
         make_synthetic_svhn(root / f"synthetic_{name}_32x32.mat", num_images=count, seed=seed)
     images, labels = read_mat(root / "synthetic_train_32x32.mat")
-    judge = load_or_train_judge(root / "synthetic_train_32x32.mat", images, labels, steps=300)
     heldout, heldout_labels = read_mat(root / "synthetic_test_32x32.mat")
-    scorer = Scorer(judge, images, labels, heldout, heldout_labels, num_images=N)
+    scorer = Scorer(load_judge(SHIPPED_JUDGE), images, labels, heldout, heldout_labels, num_images=N)
     return root, scorer
+
+
+@pytest.fixture(scope="module")
+def cached_judge(real):
+    """A judge trained briefly on the training file and cached beside it."""
+    root, _ = real
+    images, labels = read_mat(root / "synthetic_train_32x32.mat")
+    load_or_train_judge(root / "synthetic_train_32x32.mat", images, labels, steps=300)
+    return root
 
 
 def test_the_judge_reads_real_digits(real):
     _, scorer = real
-    assert scorer.judge_accuracy > 0.5  # chance is 0.1
+    assert scorer.judge_accuracy > 0.9  # chance is 0.1
+
+
+def test_a_synthetic_file_is_scored_by_the_shipped_judge_without_training(real, monkeypatch):
+    root, _ = real
+    monkeypatch.setattr(gan_score, "judge_model", lambda *args: pytest.fail("a judge was trained"))
+    judge = captcha_gan.judge_for(root / "synthetic_train_32x32.mat", None, None)
+    assert judge.count_params() == load_judge(SHIPPED_JUDGE).count_params()
+    assert captcha_gan.is_synthetic(root / "synthetic_train_32x32.mat")
+
+
+def test_a_file_that_is_not_a_judge_is_one_line(tmp_path):
+    with pytest.raises(CaptchaError, match="no judge at"):
+        load_judge(tmp_path / "missing.keras")
+    (tmp_path / "junk.keras").write_bytes(b"not a model")
+    with pytest.raises(CaptchaError, match="not a readable Keras model"):
+        load_judge(tmp_path / "junk.keras")
+    other = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    other.save(tmp_path / "other.keras")
+    with pytest.raises(CaptchaError, match="not a digit judge"):
+        load_judge(tmp_path / "other.keras")
+
+
+def test_the_goals_follow_the_floor_where_the_floor_sets_the_scale():
+    floor = {"confident": 0.8, "copies": 0.01, "precision": 0.86, "recall": 0.89, "digit TV": 0.05,
+             "FCD": 0.1}
+    good = {"confident": 0.73, "copies": 0.02, "precision": 0.7, "recall": 0.4, "digit TV": 0.1,
+            "FCD": 5.0}
+    assert all(goals_met(good, floor).values())
+    for name, worse in (("confident", 0.71), ("copies", 0.021), ("precision", 0.69),
+                        ("recall", 0.39), ("digit TV", 0.11), ("FCD", 5.1)):
+        met = goals_met({**good, name: worse}, floor)
+        assert not met[name] and sum(met.values()) == len(met) - 1
 
 
 def test_fresh_real_images_score_near_the_floor(real):
@@ -64,8 +107,8 @@ def test_copies_of_training_images_are_flagged(real):
     assert scores["NN distance"] == pytest.approx(0, abs=1e-3)
 
 
-def test_the_judge_is_cached_beside_its_data(real, monkeypatch):
-    root, _ = real
+def test_the_judge_is_cached_beside_its_data(cached_judge, monkeypatch):
+    root = cached_judge
     images, labels = read_mat(root / "synthetic_train_32x32.mat")
     info = json.loads((root / "synthetic_train_32x32.judge.json").read_text())
     assert info["images"] == 2000 and len(info["data_sha256"]) == 64
@@ -74,8 +117,8 @@ def test_the_judge_is_cached_beside_its_data(real, monkeypatch):
     assert judge.name == "judge"
 
 
-def test_other_data_gets_its_own_judge(real, tmp_path):
-    root, _ = real
+def test_other_data_gets_its_own_judge(cached_judge, tmp_path):
+    root = cached_judge
     data = tmp_path / "synthetic_train_32x32.mat"
     make_synthetic_svhn(data, num_images=200, seed=5)
     for suffix in (".judge.keras", ".judge.json"):  # an older judge, of other data
@@ -93,9 +136,8 @@ def test_too_few_images_for_the_features_is_a_clear_error(real):
     with pytest.raises(CaptchaError, match="more images than the 128 features"):
         frechet_distance(features, features)
     images, labels = read_mat(root / "synthetic_train_32x32.mat")
-    judge = load_or_train_judge(root / "synthetic_train_32x32.mat", images, labels)
     with pytest.raises(CaptchaError, match="more images than the 128 features"):
-        Scorer(judge, images, labels, images[:50], num_images=50)
+        Scorer(load_judge(SHIPPED_JUDGE), images, labels, images[:50], num_images=50)
 
 
 def test_training_scores_every_epoch_and_keeps_the_best(real, tmp_path):

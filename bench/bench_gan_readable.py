@@ -1,0 +1,208 @@
+"""Time to a readable GAN: the wall-clock training time until a DCGAN's samples first meet the goals
+of gan_score.GOALS, the book's recipe (`train` with the book's command line) against `train
+--recipe fast`. Both train one after the other on the same SYNTHETIC house numbers (not SVHN), each
+in its own process, so its peak memory is its own, and both are scored every --score_every steps
+with one protocol: `score`'s, N = --num_images samples against held-out synthetic images of another
+seed, read by the shipped judge. The clock stops while they are scored.
+
+    .venv/bin/python bench/bench_gan_readable.py --num_train 40000 --num_heldout 10000 \
+        --num_images 10000 --score_every 500 --cap_s 3600 --seed 0
+
+Each contestant trains until its recipe's steps are done or --cap_s seconds of training have
+passed (the book's recipe is 100 epochs: it meets the cap). The table (time and steps until the
+confident-share goal, and until every goal) and the plot of confident share and FCD against
+training seconds go to --outdir.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.variants import peak_mib  # noqa: E402
+from captcha_common import atomic_path, ensure_dir, save_figure, start_keras, subplots  # noqa: E402
+
+CONTESTANTS = {1: "book recipe", 2: "fast recipe"}
+BOOK_RECIPE = {"arch": "book", "batch_size": 100, "gen_lr": 1e-4, "dis_lr": 1e-3, "gen_beta1": 0.5,
+               "dis_beta1": 0.5, "smooth_coef": 0.1, "epochs": 100}
+
+
+# ## One contestant, in its own process
+
+
+def make_scoring(gan, scorer, every, cap_s, seed, name):
+    """A callback that scores the generator every `every` steps, with the clock stopped, and stops
+    training at the cap. A progress bar shows the last score."""
+    import keras
+    from tqdm import tqdm
+
+    import captcha_gan
+    import gan_score
+
+    class Scoring(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.start, self.scoring, self.steps, self.curve = time.perf_counter(), 0.0, 0, []
+            self.bar = tqdm(desc=name, unit="score", disable=None)
+
+        def on_train_end(self, logs=None):
+            self.bar.close()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
+            training_s = time.perf_counter() - self.start - self.scoring
+            if self.steps % every == 0 or training_s >= cap_s:
+                self.score(training_s)
+            self.model.stop_training = training_s >= cap_s
+
+        def score(self, training_s):
+            begin = time.perf_counter()
+            images = captcha_gan.sample_images(gan.generator, scorer.num_images, seed)
+            scores, _ = scorer.score(captcha_gan.to_uint8(images))
+            met = gan_score.goals_met(scores, scorer.floor)
+            self.curve.append({"seconds": training_s, "steps": self.steps, **scores, "met": met})
+            self.bar.set_postfix(steps=self.steps, confident=f"{scores['confident']:.3f}",
+                                 fcd=f"{scores['FCD']:.1f}")
+            self.bar.update()
+            self.scoring += time.perf_counter() - begin
+
+    return Scoring()
+
+
+def run_contestant(number, data, cap_s, score_every, num_images, seed):
+    """Train one contestant in this process; prints its curve, floor and peak memory as JSON."""
+    start_keras([])
+    import keras
+
+    import captcha_gan
+
+    train_file, heldout_file = Path(data) / "train.mat", Path(data) / "heldout.mat"
+    images, labels = captcha_gan.read_mat(train_file)
+    scorer = captcha_gan.build_scorer(train_file, images, labels, heldout_file, num_images, seed)
+    settings = captcha_gan.recipe_settings("book" if number == 1 else "fast",
+                                           lambda size: math.ceil(len(images) / size), **BOOK_RECIPE)
+    batch_size, epochs = settings.pop("batch_size"), settings.pop("epochs")
+    keras.utils.set_random_seed(seed)
+    gan = captcha_gan.build_gan(gen_input_dim=100, alpha=0.2, dis_input_dim=captcha_gan.IMAGE_SHAPE,
+                                seed=seed, **settings)
+    scoring = make_scoring(gan, scorer, score_every, cap_s, seed, CONTESTANTS[number])
+    gan.fit(images, batch_size=batch_size, epochs=epochs, shuffle=True, callbacks=[scoring], verbose=0)
+    print(json.dumps({"curve": scoring.curve, "floor": scorer.floor, "batch_size": batch_size,
+                      "settings": settings, "peak_mib": peak_mib()}))
+
+
+# ## The race
+
+
+def race(number, data, cap_s, score_every, num_images, seed):
+    """Run one contestant in a fresh process and summarise its curve."""
+    command = [__file__, "--contestant", number, "--data", data, "--cap_s", cap_s,
+               "--score_every", score_every, "--num_images", num_images, "--seed", seed]
+    result = subprocess.run([sys.executable, *map(str, command)], stdout=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"contestant {number} failed (exit {result.returncode})")
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    curve = row["curve"]
+    return {**row, "name": CONTESTANTS[number],
+            "confident_at": next((p for p in curve if p["met"]["confident"]), None),
+            "all_at": next((p for p in curve if all(p["met"].values())), None),
+            "final": curve[-1], "capped": curve[-1]["seconds"] >= cap_s}
+
+
+def when(point):
+    return (f"{point['seconds']:.0f} s ({point['steps']} steps)" if point else "not reached")
+
+
+def ratio(rows, goal):
+    book, fast = rows[1][goal], rows[2][goal]
+    if fast is None:
+        return "not reached"
+    if book is None:
+        return (f">{rows[1]['final']['seconds'] / fast['seconds']:.1f}x (book recipe not reached "
+                f"in {rows[1]['final']['seconds']:.0f} s)")
+    return f"{book['seconds'] / fast['seconds']:.1f}x"
+
+
+def table(rows):
+    lines = ["| contestant | confident-share goal | every goal | training run | final confident "
+             "| final FCD | final precision | final recall | final digit TV | goals met at the end "
+             "| peak memory |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for number, row in rows.items():
+        final = row["final"]
+        lines.append(f"| {number}. {row['name']} | {when(row['confident_at'])} | {when(row['all_at'])} "
+                     f"| {final['seconds']:.0f} s, {final['steps']} steps{' (cap)' if row['capped'] else ''} "
+                     f"| {final['confident']:.3f} | {final['FCD']:.2f} | {final['precision']:.3f} "
+                     f"| {final['recall']:.3f} | {final['digit TV']:.3f} "
+                     f"| {sum(final['met'].values())} of {len(final['met'])} | {row['peak_mib']:.0f} MiB |")
+    floor = rows[1]["floor"]
+    lines.append(f"| floor (real vs real) | | | | {floor['confident']:.3f} | {floor['FCD']:.2f} "
+                 f"| {floor['precision']:.3f} | {floor['recall']:.3f} | {floor['digit TV']:.3f} | | |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    figure, axes = subplots(1, 2, figsize=(12, 4.5))
+    for number, row in rows.items():
+        seconds = [point["seconds"] for point in row["curve"]]
+        label = f"{number}. {row['name']}"
+        axes[0].plot(seconds, [point["confident"] for point in row["curve"]], marker=".", label=label)
+        axes[1].plot(seconds, [point["FCD"] for point in row["curve"]], marker=".", label=label)
+    floor = rows[1]["floor"]
+    axes[0].axhline(0.9 * floor["confident"], color="gray", linestyle="--", linewidth=1,
+                    label="goal: 0.9 x the floor's")
+    axes[1].axhline(5, color="gray", linestyle="--", linewidth=1, label="goal: 5")
+    axes[0].set(xlabel="training seconds (scoring not counted)", ylabel="judge-confident share",
+                title="readable samples", ylim=(0, 1))
+    axes[1].set(xlabel="training seconds (scoring not counted)", ylabel="FCD (log scale)",
+                title="distance to real images", yscale="log")
+    for axis in axes:
+        axis.legend()
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def make_data(scratch, num_train, num_heldout, seed):
+    from captcha_gan import make_synthetic_svhn
+
+    make_synthetic_svhn(Path(scratch) / "train.mat", num_images=num_train, seed=seed)
+    make_synthetic_svhn(Path(scratch) / "heldout.mat", num_images=num_heldout, seed=seed + 1)
+
+
+def main(num_train=40000, num_heldout=10000, num_images=10000, score_every=500, cap_s=3600, seed=0,
+         outdir=REPO / "docs", contestant=None, data=None):
+    if contestant:
+        return run_contestant(int(contestant), data, float(cap_s), int(score_every), int(num_images),
+                              int(seed))
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        make_data(scratch, num_train, num_heldout, seed)
+        generation = time.perf_counter() - start
+        rows = {}
+        for number, name in CONTESTANTS.items():
+            rows[number] = race(number, scratch, cap_s, score_every, num_images, seed)
+            print(f"{number}. {name}: {rows[number]['final']['seconds']:.0f} s of training", flush=True)
+    outdir = ensure_dir(outdir)
+    plot(rows, outdir / "gan_readable.png")
+    with open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                   "unknown CPU")
+    report = (f"bench_gan_readable on {os.cpu_count()} cores ({cpu}): {num_train} SYNTHETIC training "
+              f"house numbers, {num_heldout} held-out of seed {seed + 1}, N = {num_images}, scored every "
+              f"{score_every} steps, cap {cap_s:.0f} s per contestant, seed {seed}; generating the data "
+              f"took {generation:.0f} s (not counted)\n\n{table(rows)}\n\n"
+              f"confident-share goal, fast against book: {ratio(rows, 'confident_at')}; "
+              f"every goal: {ratio(rows, 'all_at')}\n")
+    with atomic_path(outdir / "gan_readable.md") as temporary:
+        temporary.write_text(report)
+    print("\n" + report)
+    print(f"curves: {outdir / 'gan_readable.png'}; table: {outdir / 'gan_readable.md'}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
