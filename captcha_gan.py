@@ -207,17 +207,18 @@ def make_synthetic_svhn(outfile=f"data/synthetic_svhn/{SYNTHETIC_FILE}", num_ima
 
 # ## Model
 #
-# The book's networks, layer for layer, are the default. `--arch narrow` holds the changes the
-# trials kept (docs/gan.md): the PyTorch DCGAN example's 4x4 kernels, a generator of half the
-# book's widths, so that a step costs a fraction of the book's on a CPU, and a minibatch
-# standard-deviation feature before D's last layer (Karras et al. 2018), which lets D see how
-# varied a batch is and so punishes G for drawing one digit over and over.
+# The book's networks, layer for layer, are the default. `--arch sn` holds the changes the trials
+# kept (docs/gan.md). Its generator has half the book's widths and upsamples by resizing, then
+# convolving, instead of by strided transposed convolutions, whose overlaps drew a coloured
+# checkerboard into every stroke (Odena et al. 2016); a step costs a fraction of the book's. Its
+# discriminator is SNGAN's (Miyato et al. 2018): spectrally normalised 4x4 convolutions without
+# BatchNorm, a raw score trained with the hinge loss, and a minibatch standard-deviation feature
+# before its last layer (Karras et al. 2018), which shows D how varied a batch is and so punishes
+# G for drawing one digit over and over.
 
-ARCHES = {  # name: generator widths, discriminator widths, kernel size, minibatch deviation
-    "book": {"gen_widths": (512, 256, 128), "dis_widths": (64, 128, 256), "kernel": 5,
-             "batch_deviation": False},
-    "narrow": {"gen_widths": (256, 128, 64), "dis_widths": (64, 128, 256), "kernel": 4,
-               "batch_deviation": True},
+ARCHES = {
+    "book": {"gen_widths": (512, 256, 128), "dis_widths": (64, 128, 256), "kernel": 5, "sngan": False},
+    "sn": {"gen_widths": (256, 128, 64), "dis_widths": (64, 128, 256), "kernel": 4, "sngan": True},
 }
 
 
@@ -242,13 +243,21 @@ class BatchDeviation(layers.Layer):
         return (*input_shape[:-1], input_shape[-1] + 1)
 
 
+def upsampling_layer(filters, kernel, resize):
+    """Twice the height and width: a strided transposed convolution, or resize and convolve."""
+    if resize:
+        return [layers.UpSampling2D(2), layers.Conv2D(filters, kernel_size=3, padding="same")]
+    return [layers.Conv2DTranspose(filters, kernel_size=kernel, strides=2, padding="same")]
+
+
 def generator(input_dim, alpha=0.2, arch="book"):
-    widths, kernel = checked_arch(arch)["gen_widths"], checked_arch(arch)["kernel"]
+    settings = checked_arch(arch)
     upsampling = []
-    for filters in (*widths[1:], None):
-        upsampling += [layers.Conv2DTranspose(filters or 3, kernel_size=kernel, strides=2, padding="same")]
+    for filters in (*settings["gen_widths"][1:], None):
+        upsampling += upsampling_layer(filters or 3, settings["kernel"], settings["sngan"])
         upsampling += ([layers.BatchNormalization(), layers.LeakyReLU(alpha)] if filters
                        else [layers.Activation("tanh")])
+    widths = settings["gen_widths"]
     return keras.Sequential([
         keras.Input((input_dim,)),
         layers.Dense(4 * 4 * widths[0]),
@@ -260,19 +269,23 @@ def generator(input_dim, alpha=0.2, arch="book"):
 
 
 def discriminator(img_dim, alpha=0.2, arch="book"):
-    widths, kernel = checked_arch(arch)["dis_widths"], checked_arch(arch)["kernel"]
+    """The book's D ends in a probability; SNGAN's in a raw score, for the hinge loss."""
+    settings = checked_arch(arch)
+    sngan = settings["sngan"]
+    normalised = layers.SpectralNormalization if sngan else (lambda layer: layer)
     downsampling = []
-    for i, filters in enumerate(widths):  # 32x32x3 to 16x16, 8x8 and 4x4
-        downsampling.append(layers.Conv2D(filters, kernel_size=kernel, strides=2, padding="same"))
-        downsampling += [layers.BatchNormalization()] if i else []
+    for i, filters in enumerate(settings["dis_widths"]):  # 32x32x3 to 16x16, 8x8 and 4x4
+        downsampling.append(normalised(layers.Conv2D(filters, kernel_size=settings["kernel"], strides=2,
+                                                     padding="same")))
+        downsampling += [layers.BatchNormalization()] if i and not sngan else []
         downsampling.append(layers.LeakyReLU(alpha))
     return keras.Sequential([
         keras.Input(tuple(img_dim)),
         *downsampling,
-        *([BatchDeviation()] if checked_arch(arch)["batch_deviation"] else []),
+        *([BatchDeviation()] if sngan else []),
         layers.Flatten(),
-        layers.Dense(1),
-        layers.Activation("sigmoid"),
+        normalised(layers.Dense(1)),
+        *([] if sngan else [layers.Activation("sigmoid")]),
     ], name="discriminator")
 
 
@@ -349,11 +362,14 @@ class BothOptimizers:
 
 
 class DCGAN(keras.Model):
-    def __init__(self, generator, discriminator, smooth_coef=0.1, seed=None):
+    def __init__(self, generator, discriminator, smooth_coef=0.1, seed=None, hinge=False):
+        """hinge: SNGAN's hinge loss on D's raw scores, instead of the book's cross-entropy on its
+        probabilities (and its smoothing)."""
         super().__init__()
         self.generator = generator
         self.discriminator = discriminator
         self.smooth_coef = smooth_coef
+        self.hinge = hinge
         self.latent_dim = generator.input_shape[-1]
         self.networks = {}  # the settings that rebuild both networks, saved with each checkpoint
         self.noise_seed = keras.random.SeedGenerator(seed)
@@ -377,9 +393,12 @@ class DCGAN(keras.Model):
         return self.generator(noise, training=training)
 
     def discriminator_loss(self, d_weights, d_state, real_images, fake_images):
-        """D's loss on a real batch and a fake batch, and D's BatchNorm statistics after both."""
+        """D's loss on a real batch and a fake batch, and D's state (BatchNorm statistics, spectral
+        norms' vectors) after both."""
         d_real, d_state = self.discriminator.stateless_call(d_weights, d_state, real_images, training=True)
         d_fake, d_state = self.discriminator.stateless_call(d_weights, d_state, fake_images, training=True)
+        if self.hinge:
+            return ops.mean(ops.relu(1.0 - d_real)) + ops.mean(ops.relu(1.0 + d_fake)), d_state
         real_target = ops.full_like(d_real, 1.0 - self.smooth_coef)  # the book's one-sided smoothing
         return bce(real_target, d_real) + bce(ops.zeros_like(d_fake), d_fake), d_state
 
@@ -397,6 +416,8 @@ class DCGAN(keras.Model):
         d_fake, _ = self.discriminator.stateless_call(
             values(self.discriminator.trainable_variables),
             values(self.discriminator.non_trainable_variables), fake_images, training=True)
+        if self.hinge:
+            return -ops.mean(d_fake), None
         return bce(ops.ones_like(d_fake), d_fake), None
 
     def draw_noise(self, batch_size):
@@ -593,7 +614,7 @@ def use_xla():
 # docs/gan.md. It is given in steps, so that it means the same on any size of data.
 
 RECIPES = ("book", "fast")
-FAST_RECIPE = {"arch": "narrow", "batch_size": 64, "gen_lr": 2e-4, "dis_lr": 2e-4, "gen_beta1": 0.5,
+FAST_RECIPE = {"arch": "sn", "batch_size": 64, "gen_lr": 2e-4, "dis_lr": 2e-4, "gen_beta1": 0.5,
                "dis_beta1": 0.5, "smooth_coef": 0.1, "steps": 6000}
 
 
@@ -624,7 +645,7 @@ def build_gan(arch, gen_input_dim, alpha, dis_input_dim, smooth_coef, gen_lr, ge
               dis_beta1, seed=None):
     """The DCGAN to train, compiled with its two optimizers."""
     gan = DCGAN(generator(gen_input_dim, alpha, arch), discriminator(dis_input_dim, alpha, arch),
-                smooth_coef, seed)
+                smooth_coef, seed, hinge=checked_arch(arch)["sngan"])
     gan.networks = {"arch": arch, "gen_input_dim": gen_input_dim, "alpha": alpha}
     gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=dis_lr, beta_1=dis_beta1),
                 g_optimizer=keras.optimizers.Adam(learning_rate=gen_lr, beta_1=gen_beta1),
@@ -640,7 +661,7 @@ def train(dest_train, outdir, dir_flag=False, batch_size=100, gen_input_dim=100,
     """Train the DCGAN; checkpoints, sample grids and loss curves go to outdir every epoch, and
     with score_every=K the scores of `score` every K epochs, keeping the best in outdir/best.
     --recipe fast replaces arch, batch size, learning rates, betas, smoothing and epochs with the
-    fastest recipe found on a CPU (FAST_RECIPE); --arch narrow alone changes only the networks.
+    fastest recipe found on a CPU (FAST_RECIPE); --arch sn alone changes only the networks.
     With distribute=True, data-parallel over every visible device (GPUs, else CPUs): each step's
     batch_size images are one global batch split evenly across the devices (batch_size must
     divide evenly), gradients are those of the whole batch, and so gen_lr and dis_lr mean what

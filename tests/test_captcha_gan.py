@@ -180,16 +180,41 @@ def test_networks_are_the_books():
     assert d.output_shape == (None, 1)
 
 
-def test_the_narrow_networks_are_the_books_layers_with_4x4_kernels_and_half_gs_widths():
-    book_g, narrow_g = generator(100, 0.2), generator(100, 0.2, arch="narrow")
-    book_d, narrow_d = discriminator((32, 32, 3)), discriminator((32, 32, 3), arch="narrow")
-    kinds = [type(layer).__name__ for layer in book_g.layers + book_d.layers]
-    assert [type(layer).__name__ for layer in narrow_g.layers + narrow_d.layers] == kinds
-    assert narrow_g.layers[0].units == 4 * 4 * 256 and narrow_g.output_shape == (None, 32, 32, 3)
-    assert [layer.filters for layer in narrow_g.layers if hasattr(layer, "filters")] == [128, 64, 3]
-    assert all(layer.kernel_size == (4, 4) for layer in narrow_g.layers + narrow_d.layers
-               if hasattr(layer, "kernel_size"))
-    assert narrow_g.count_params() < book_g.count_params() / 4
+def test_the_sn_networks_resize_then_convolve_and_d_is_sngans():
+    book_g, sn_g = generator(100, 0.2), generator(100, 0.2, arch="sn")
+    sn_d = discriminator((32, 32, 3), arch="sn")
+    kinds = [type(layer).__name__ for layer in sn_g.layers]
+    assert kinds == [k for kind in (type(layer).__name__ for layer in book_g.layers)
+                     for k in (["UpSampling2D", "Conv2D"] if kind == "Conv2DTranspose" else [kind])]
+    assert sn_g.layers[0].units == 4 * 4 * 256 and sn_g.output_shape == (None, 32, 32, 3)
+    assert [layer.filters for layer in sn_g.layers if hasattr(layer, "filters")] == [128, 64, 3]
+    assert sn_g.count_params() < book_g.count_params() / 4
+    assert [type(layer).__name__ for layer in sn_d.layers] == [
+        "SpectralNormalization", "LeakyReLU"] * 3 + ["BatchDeviation", "Flatten", "SpectralNormalization"]
+    assert all(layer.layer.kernel_size == (4, 4) for layer in sn_d.layers[:6:2])
+
+
+def test_the_hinge_loss_is_sngans():
+    d = discriminator((32, 32, 3), arch="sn")
+    gan = DCGAN(generator(8, arch="sn"), d, seed=0, hinge=True)
+    rng = np.random.default_rng(0)
+    real, fake = (rng.uniform(-1, 1, (4, 32, 32, 3)).astype("float32") for _ in range(2))
+    weights, state = captcha_gan.values(d.trainable_variables), captcha_gan.values(d.non_trainable_variables)
+    loss, _ = gan.discriminator_loss(weights, state, real, fake)
+    real_score, after_real = d.stateless_call(weights, state, real, training=True)
+    fake_score, _ = d.stateless_call(weights, after_real, fake, training=True)
+    expected = np.maximum(0, 1 - np.asarray(real_score)).mean() + np.maximum(0, 1 + np.asarray(fake_score)).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(gan.generator_loss(fake)[0]) == pytest.approx(-np.asarray(d(fake, training=True)).mean(),
+                                                               rel=1e-3, abs=1e-4)
+
+
+def test_the_batch_deviation_feature_is_low_for_copies_and_high_for_a_varied_batch():
+    layer = captcha_gan.BatchDeviation()
+    varied = np.random.default_rng(0).normal(size=(8, 4, 4, 2)).astype("float32")
+    copies = np.repeat(varied[:1], 8, axis=0)
+    assert layer(varied).shape == (8, 4, 4, 3)
+    assert float(np.asarray(layer(copies))[0, 0, 0, 2]) < 0.01 < float(np.asarray(layer(varied))[0, 0, 0, 2])
 
 
 def test_an_unknown_arch_or_recipe_is_one_line(tmp_path):
@@ -375,9 +400,10 @@ def test_a_fast_recipe_run_is_rebuilt_with_its_networks(tmp_path, monkeypatch):
     gan, fit_arguments = compiled[0]
     assert fit_arguments["batch_size"] == captcha_gan.FAST_RECIPE["batch_size"]
     assert float(gan.d_optimizer.learning_rate) == pytest.approx(captcha_gan.FAST_RECIPE["dis_lr"])
-    assert json.loads((tmp_path / "run" / "state.json").read_text())["arch"] == "narrow"
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["arch"] == "sn"
+    assert gan.hinge
     g = captcha_gan.load_generator(tmp_path / "run", gen_input_dim=16)
-    assert g.count_params() == generator(16, arch="narrow").count_params()
+    assert g.count_params() == generator(16, arch="sn").count_params()
     with pytest.raises(CaptchaError, match="trained with --alpha 0.2, not 0.3"):
         captcha_gan.load_generator(tmp_path / "run", gen_input_dim=16, alpha=0.3)
     with pytest.raises(CaptchaError, match="trained with --gen_input_dim 16, not 100"):
