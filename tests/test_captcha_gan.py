@@ -203,7 +203,8 @@ def test_the_hinge_loss_is_sngans():
     loss, _ = gan.discriminator_loss(weights, state, real, fake)
     real_score, after_real = d.stateless_call(weights, state, real, training=True)
     fake_score, _ = d.stateless_call(weights, after_real, fake, training=True)
-    expected = np.maximum(0, 1 - np.asarray(real_score)).mean() + np.maximum(0, 1 + np.asarray(fake_score)).mean()
+    expected = (np.maximum(0, 1 - np.asarray(real_score)).mean()
+                + np.maximum(0, 1 + np.asarray(fake_score)).mean())
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     assert float(gan.generator_loss(fake)[0]) == pytest.approx(-np.asarray(d(fake, training=True)).mean(),
                                                                rel=1e-3, abs=1e-4)
