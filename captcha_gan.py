@@ -644,8 +644,13 @@ def _checked_settings(batch_size, epochs, dis_input_dim, arch):
 def build_gan(arch, gen_input_dim, alpha, dis_input_dim, smooth_coef, gen_lr, gen_beta1, dis_lr,
               dis_beta1, seed=None):
     """The DCGAN to train, compiled with its two optimizers."""
+    sngan = checked_arch(arch)["sngan"]
+    if sngan and BACKEND == "tensorflow":
+        # Grappler's remapper fails to fuse the spectral norm's convolution with its LeakyReLU
+        # gradient and logs it as an error (TensorFlow 2.21); it then runs the graph unfused anyway.
+        tf.config.optimizer.set_experimental_options({"remapping": False})
     gan = DCGAN(generator(gen_input_dim, alpha, arch), discriminator(dis_input_dim, alpha, arch),
-                smooth_coef, seed, hinge=checked_arch(arch)["sngan"])
+                smooth_coef, seed, hinge=sngan)
     gan.networks = {"arch": arch, "gen_input_dim": gen_input_dim, "alpha": alpha}
     gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=dis_lr, beta_1=dis_beta1),
                 g_optimizer=keras.optimizers.Adam(learning_rate=gen_lr, beta_1=gen_beta1),
