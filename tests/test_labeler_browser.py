@@ -30,7 +30,8 @@ def browser(tmp_path):
     options.binary_location = CHROMIUM
     for flag in FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # no download: the Debian driver
+    # no download: the Debian driver
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()
