@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ./run.sh demo   set up (.venv, requirements, font), then run the chapter on built-in defaults
-# ./run.sh test   set up, then run the tests
+# ./run.sh test   set up, then run the linter (ruff, rules in pyproject.toml) and the tests
 # ./run.sh bench  set up, then run the speed benchmarks against the book's code
 # ./run.sh serve  serve the demo's labelling database (made by ./run.sh demo) at http://127.0.0.1:8000/
 set -euo pipefail
@@ -51,7 +51,9 @@ demo() {
 
 case "${1:-}" in
   demo) demo ;;
-  test) shift; $PY -m pytest -q tests "$@"
+  test) shift
+        echo "== ruff check ."; $PY -m ruff check .
+        $PY -m pytest -q tests "$@"
         echo "== the GAN again, on JAX"; KERAS_BACKEND=jax $PY -m pytest -q tests/test_captcha_gan.py "$@" ;;
   bench) for b in bench/bench_*.py; do $PY "$b"; done ;;
   serve) $SERVE ;;
