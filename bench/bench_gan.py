@@ -12,8 +12,9 @@ The book's loop per batch: g.predict, d.train_on_batch on the real batch, d.trai
 fakes, g_d.train_on_batch on fresh noise; ported only as far as Keras 3 needs. Keras 3 reads
 `trainable` at every call, so the book's toggling, as printed, freezes D for good (see
 tests/test_captcha_gan.py); this port flips it where the book meant, so that D trains in its two
-calls and not in g_d's. It holds the whole set in float64, as the book does. Each variant runs in its own process so that its peak memory
-(max RSS) is its own, and the fastest of --repeats interleaved runs counts.
+calls and not in g_d's. It holds the whole set in float64, as the book does. Each variant runs in
+its own process so that its peak memory (max RSS) is its own, and the fastest of --repeats
+interleaved runs counts.
 """
 import os
 import sys
@@ -139,7 +140,8 @@ def main(steps=10, batch_size=100, warmup=2, repeats=2, variants=tuple(VARIANTS)
         row = rows[name]
         print(f"{VARIANTS[name][0]:36}{steps / row['seconds']:10.3f}{row['seconds'] / steps:10.3f}"
               f"{row['peak_mib']:10.0f}")
-    for faster, slower, label in (("ours", "book", "speed-up"), ("ours_jax", "ours", "JAX against TensorFlow"),
+    for faster, slower, label in (("ours", "book", "speed-up"),
+                                  ("ours_jax", "ours", "JAX against TensorFlow"),
                                   ("ours_xla", "ours", "TensorFlow with XLA against without")):
         if faster in rows and slower in rows:
             print(f"{label}: {rows[slower]['seconds'] / rows[faster]['seconds']:.2f}x")
