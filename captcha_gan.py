@@ -615,7 +615,7 @@ def use_xla():
 
 RECIPES = ("book", "fast")
 FAST_RECIPE = {"arch": "sn", "batch_size": 64, "gen_lr": 2e-4, "dis_lr": 2e-4, "gen_beta1": 0.5,
-               "dis_beta1": 0.5, "smooth_coef": 0.1, "steps": 6000}
+               "dis_beta1": 0.5, "smooth_coef": 0.1, "steps": 7500}
 
 
 def recipe_settings(recipe, steps_per_epoch, **given):

@@ -28,23 +28,26 @@ demo() {
   $PY captcha_solver.py evaluate --model_path models/whole_image_cnn.keras \
     --eval_dest "$DEMO/test" --outdir "$DEMO/shipped_whole"
   $PY captcha_solver.py predict "$DEMO/test/$(ls "$DEMO/test" | head -1)"
-  echo "== 4. Train the DCGAN briefly on the offline SYNTHETIC house numbers (not SVHN), then sample CAPTCHAs"
+  echo "== 4. The GAN: a few training steps on offline SYNTHETIC house numbers (not SVHN), so that the"
+  echo "      training path runs; then 64 CAPTCHAs from the shipped generator, trained on the same stand-in"
   $PY captcha_gan.py make-synthetic-svhn --outfile "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" \
     --num_images 5000 --seed 0
   $PY captcha_gan.py make-synthetic-svhn --outfile "$DEMO/synthetic_svhn/synthetic_svhn_test_32x32.mat" \
-    --num_images 2000 --seed 1
+    --num_images 2000 --seed 1 --png_dir "$DEMO/house_numbers"
   $PY captcha_gan.py train --dest_train "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" \
-    --outdir "$DEMO/gan" --batch_size 100 --epochs 2 --seed 0
-  $PY captcha_gan.py generate-captcha --num_images 64 --model_dir "$DEMO/gan" \
-    --outdir "$DEMO/gan/captcha_for_use" --seed 0
-  echo "== 5. Score the GAN's samples against real ones (trains the judge once, then caches it)"
-  $PY captcha_gan.py score --model_dir "$DEMO/gan" --dest_train "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" \
-    --num_images 2000
-  echo "== 6. Put the GAN's samples (unlabelled) and the test CAPTCHAs (labelled) into a labelling database"
-  $PY captcha_labeler.py init --db "$LABELS" --labelled "$DEMO/test" --unlabelled "$DEMO/gan/captcha_for_use"
+    --outdir "$DEMO/gan" --arch sn --batch_size 64 --gen_lr 0.0002 --dis_lr 0.0002 --epochs 1 --seed 0
+  $PY captcha_gan.py generate-captcha --num_images 64 --outdir "$DEMO/gan/captcha_for_use" --seed 0
+  echo "== 5. Score the shipped generator's samples against real ones (the shipped judge reads them)"
+  $PY captcha_gan.py score --model_dir models/gan_synthetic_svhn \
+    --dest_train "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" --num_images 2000 --outdir "$DEMO/gan/score"
+  echo "== 6. A labelling database: the GAN's samples (unlabelled) beside labelled house numbers of the same"
+  echo "      size, and the test CAPTCHAs (labelled)"
+  $PY captcha_labeler.py init --db "$LABELS" --labelled "$DEMO/house_numbers" --unlabelled "$DEMO/gan/captcha_for_use"
+  $PY captcha_labeler.py init --db "$LABELS" --labelled "$DEMO/test"
   echo "demo: everything is under $DEMO: CAPTCHAs in train/ val/ test/; solver/, shipped_book/ and"
-  echo "      shipped_whole/ hold evaluation.csv, failures.png and confusions.csv; gan/ the GAN's"
-  echo "      samples and curves, gan/score/ its scores; labels.sqlite the labelling database."
+  echo "      shipped_whole/ hold evaluation.csv, failures.png and confusions.csv; gan/ the few-step"
+  echo "      run, gan/captcha_for_use/ the shipped generator's CAPTCHAs and contact_sheet.png,"
+  echo "      gan/score/ their scores; labels.sqlite the labelling database."
   echo "To label the GAN's samples in a browser, serve it (./run.sh serve does) and open http://127.0.0.1:8000/"
   echo "  $SERVE"
 }
