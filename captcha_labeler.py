@@ -449,22 +449,25 @@ def load_reader(path):
         judge = house_number_judge(path)
         if judge is None:
             raise CaptchaError(f"--reader {path} is neither a solver model nor the house-number judge "
-                               f"(a Keras model named 'judge' from 32x32x3 to {len(DIGITS)} digits): "
+                               f"(a Keras model named 'judge' from 32x32x3 to {len(DIGITS)} digits "
+                               "and NO_DIGIT): "
                                f"{not_a_breaker}") from None
         return Reader(path.name, judge, is_judge=True)
 
 
 def house_number_judge(path):
-    """gan_score.py's judge at path (its class i is digit i), or None if the file holds another model."""
+    """gan_score.py's judge at path (its class i is digit i, then NO_DIGIT), or None if the file holds
+    another model."""
     import keras
+
+    import gan_score
 
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception:  # Keras raises many kinds for a file it can't read
         return None
-    shapes = (tuple(model.input_shape[1:]), tuple(model.output_shape[1:]))
-    judge_shapes = ((HOUSE_NUMBER_SIZE, HOUSE_NUMBER_SIZE, 3), (len(DIGITS),))
-    return model if model.name == "judge" and shapes == judge_shapes else None
+    fits = tuple(model.input_shape[1:]) == (HOUSE_NUMBER_SIZE, HOUSE_NUMBER_SIZE, 3)
+    return model if fits and gan_score.is_judge(model) else None
 
 
 def decoded_image(data, channels):
@@ -500,11 +503,14 @@ def judge_readings(judge, records):
     """What the house-number judge reads in each record's image, digit by digit, with its confidence."""
     import numpy as np
 
+    import gan_score
+
     windows = [judge_windows(decoded_image(record.data, 3), record.source) for record in records]
-    probabilities = judge.predict(np.concatenate(windows), batch_size=256, verbose=0)
-    per_image = np.split(probabilities, np.cumsum([len(digits) for digits in windows])[:-1])
-    return [("".join(DIGITS[best] for best in digits.argmax(axis=-1)), float(digits.max(axis=-1).prod()))
-            for digits in per_image]
+    digits, confidences = gan_score.digit_readings(
+        judge.predict(np.concatenate(windows), batch_size=256, verbose=0))
+    ends = np.cumsum([len(image_windows) for image_windows in windows])[:-1]
+    return [("".join(DIGITS[digit] for digit in image_digits), float(image_confidences.prod()))
+            for image_digits, image_confidences in zip(np.split(digits, ends), np.split(confidences, ends))]
 
 
 def solver_readings(breaker, images):

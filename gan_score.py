@@ -66,6 +66,13 @@ def is_judge(model):
     return model.name == "judge" and tuple(model.output_shape[1:]) == (DIGITS + 1,)
 
 
+def digit_readings(probabilities):
+    """The judge's (..., 11) probabilities as the digit it reads and its confidence in that digit:
+    NO_DIGIT's share counts for no digit."""
+    digit_probabilities = probabilities[..., :DIGITS]
+    return digit_probabilities.argmax(axis=-1), digit_probabilities.max(axis=-1)
+
+
 def non_digits(images, rng):
     """One image with no readable digit for each one given, made from it in one of four ways:
     uniform noise, a heavy blur, its 8x8 tiles shuffled, or the average with another image."""
@@ -166,8 +173,7 @@ class Reading:
         self.images = images
         self.features = features
         self.probabilities = probabilities
-        self.digits = probabilities[:, :DIGITS].argmax(axis=1)
-        self.confidence = probabilities[:, :DIGITS].max(axis=1)  # NO_DIGIT's share is no digit's
+        self.digits, self.confidence = digit_readings(probabilities)
 
     @classmethod
     def of(cls, reader, images):

@@ -808,11 +808,11 @@ def judge_file(tmp_path_factory):
     centres = 25.0 * np.arange(10) + 12
     inputs = keras.Input((32, 32, 3))
     middle = keras.layers.GlobalAveragePooling2D()(keras.layers.Cropping2D(8)(inputs))
-    classes = keras.layers.Dense(10, activation="softmax")
+    classes = keras.layers.Dense(11, activation="softmax")  # the digits, then NO_DIGIT, never read here
     model = keras.Model(inputs, classes(middle), name="judge")
-    kernel = np.zeros((3, 10))
-    kernel[0] = 2 * JUDGE_SHARPNESS * centres
-    classes.set_weights([kernel, -JUDGE_SHARPNESS * centres**2])
+    kernel = np.zeros((3, 11))
+    kernel[0, :10] = 2 * JUDGE_SHARPNESS * centres
+    classes.set_weights([kernel, np.append(-JUDGE_SHARPNESS * centres**2, -1e4)])
     path = tmp_path_factory.mktemp("judge") / "judge.keras"
     model.save(path)
     return path
