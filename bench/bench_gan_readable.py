@@ -168,10 +168,12 @@ def plot(rows, path):
 
 
 def make_data(scratch, num_train, num_heldout, seed):
-    from captcha_gan import make_synthetic_svhn
-
-    make_synthetic_svhn(Path(scratch) / "train.mat", num_images=num_train, seed=seed)
-    make_synthetic_svhn(Path(scratch) / "heldout.mat", num_images=num_heldout, seed=seed + 1)
+    """Through the command line: importing captcha_gan here would start Keras in this process, and
+    its TF_CPP_MIN_LOG_LEVEL would then reach the contestants, which take it for the user's."""
+    for name, count, data_seed in (("train", num_train, seed), ("heldout", num_heldout, seed + 1)):
+        subprocess.run([sys.executable, str(REPO / "captcha_gan.py"), "make-synthetic-svhn", "--outfile",
+                        str(Path(scratch) / f"{name}.mat"), "--num_images", str(count), "--seed",
+                        str(data_seed)], check=True)
 
 
 def main(num_train=40000, num_heldout=10000, num_images=10000, score_every=500, cap_s=3600, seed=0,
