@@ -271,13 +271,15 @@ class Rule:
     person's vote is 1 point and the reading reader_weight points for its answer. It is promoted at
     min_points, its top answer holding at least point_agreement of the points, more than any other
     answer, and at least one person's vote: the reading alone never makes a label. reader_weight 0
-    leaves readings out, and every image is decided by votes."""
+    leaves readings out, and every image is decided by votes; so is an image whose reading has a
+    confidence under reader_min_confidence."""
     min_votes: int = 3
     agreement: Fraction = Fraction(2, 3)
     max_votes: int = 10
     reader_weight: Fraction = Fraction(1, 2)
     min_points: Fraction = Fraction(5, 2)
     point_agreement: Fraction = Fraction(3, 5)
+    reader_min_confidence: Fraction = Fraction(0)
 
 
 def checked_fraction(name, value, low, high, low_included=True):
@@ -294,7 +296,7 @@ def checked_fraction(name, value, low, high, low_included=True):
 
 
 def checked_rule(min_votes, agreement, max_votes, reader_weight="1/2", min_points="5/2",
-                 point_agreement="3/5"):
+                 point_agreement="3/5", reader_min_confidence=0):
     min_votes = checked_whole_number("min_votes", min_votes, 1)
     max_votes = checked_whole_number("max_votes", max_votes, min_votes)
     agreement = checked_fraction("agreement", agreement, 0, 1, low_included=False)
@@ -302,7 +304,9 @@ def checked_rule(min_votes, agreement, max_votes, reader_weight="1/2", min_point
     # more points than max_votes people and the reading can give would only ever retire
     min_points = checked_fraction("min_points", min_points, 0, max_votes + reader_weight, low_included=False)
     point_agreement = checked_fraction("point_agreement", point_agreement, 0, 1, low_included=False)
-    return Rule(min_votes, agreement, max_votes, reader_weight, min_points, point_agreement)
+    reader_min_confidence = checked_fraction("reader_min_confidence", reader_min_confidence, 0, 1)
+    return Rule(min_votes, agreement, max_votes, reader_weight, min_points, point_agreement,
+                reader_min_confidence)
 
 
 def decide(tally, rule, reading=None):
@@ -326,10 +330,12 @@ def add_vote(database, rule, image, answer):
     """Count one vote and apply the rule, inside the caller's transaction. The UPDATE locks the image's
     row, so concurrent voters on one image take turns and each sees the votes before it."""
     rows = database.query("UPDATE images SET votes = votes + 1 WHERE hash = ? AND state = ? "
-                          "RETURNING reading", (image, PENDING))
+                          "RETURNING reading, reading_confidence", (image, PENDING))
     if not rows:
         return  # decided since the challenge was handed out
-    (reading,), = rows
+    (reading, confidence), = rows
+    if reading is not None and confidence < rule.reader_min_confidence:
+        reading = None
     database.query("INSERT INTO votes (image, answer, at) VALUES (?, ?, ?)", (image, answer, time.time()))
     tally = dict(database.query("SELECT answer, COUNT(*) FROM votes WHERE image = ? GROUP BY answer",
                                 (image,)))
@@ -596,10 +602,11 @@ class Settings:
     reader_weight: str = "1/2"
     min_points: str = "5/2"
     point_agreement: str = "3/5"
+    reader_min_confidence: str = "0"
 
     def rule(self):
         return checked_rule(self.min_votes, self.agreement, self.max_votes, self.reader_weight,
-                            self.min_points, self.point_agreement)
+                            self.min_points, self.point_agreement, self.reader_min_confidence)
 
 
 def signature(secret, body):
@@ -891,10 +898,11 @@ def init(db, labelled=None, unlabelled=None, case_sensitive=None, unlabelled_glo
 
 def serve(db, host="127.0.0.1", port=8000, workers=1, ttl=600, secret_file=None,
           min_votes=3, agreement="2/3", max_votes=10, reader_weight=0.5, min_points=2.5,
-          point_agreement="3/5"):
-    """Serve the labelling page and its JSON API under uvicorn. An image without a reading is
-    promoted at --min_votes votes with --agreement of them; one with a reading at --min_points
-    points (a person 1, the reading --reader_weight) with --point_agreement of them."""
+          point_agreement="3/5", reader_min_confidence=0):
+    """Serve the labelling page and its JSON API under uvicorn. An image without a reading (or with
+    one of confidence under --reader_min_confidence) is promoted at --min_votes votes with
+    --agreement of them; one with a reading at --min_points points (a person 1, the reading
+    --reader_weight) with --point_agreement of them."""
     import uvicorn
 
     checked_whole_number("port", port, 0)
@@ -906,7 +914,7 @@ def serve(db, host="127.0.0.1", port=8000, workers=1, ttl=600, secret_file=None,
             raise CaptchaError("give --secret_file: every serve process of a PostgreSQL pool must share it")
         secret_file = f"{db}.secret"
     settings = Settings(str(db), str(secret_file), float(ttl), min_votes, str(agreement), max_votes,
-                        str(reader_weight), str(min_points), str(point_agreement))
+                        str(reader_weight), str(min_points), str(point_agreement), str(reader_min_confidence))
     settings.rule()
     open_database(settings.db)
     load_or_create_secret(secret_file)
@@ -1093,7 +1101,7 @@ class Client:
 
 def simulate(db, voters=2000, accuracy=0.9, min_votes=3, agreement="2/3", max_votes=10,
              hidden=0.75, clients=4, workers=2, seed=0, reader=None, reader_weight=0.5, min_points=2.5,
-             point_agreement="3/5"):
+             point_agreement="3/5", reader_min_confidence=0):
     """Hide the labels of a share of DB's labelled images in a scratch database, serve it, let
     simulated people answer `voters` challenges over HTTP, and say how many promoted labels are
     right and how many people's votes each took. --reader MODEL reads the hidden images first, as
@@ -1104,7 +1112,8 @@ def simulate(db, voters=2000, accuracy=0.9, min_votes=3, agreement="2/3", max_vo
         raise CaptchaError(f"--accuracy must be a probability from 0 to 1, got {accuracy!r}")
     if isinstance(hidden, bool) or not isinstance(hidden, (int, float)) or not 0 < hidden < 1:
         raise CaptchaError(f"--hidden must be a fraction between 0 and 1, got {hidden!r}")
-    rule = checked_rule(min_votes, agreement, max_votes, reader_weight, min_points, point_agreement)
+    rule = checked_rule(min_votes, agreement, max_votes, reader_weight, min_points, point_agreement,
+                        reader_min_confidence)
     source, case_sensitive = open_database(db)
     rows = source.query("SELECT hash, data, media_type, source, family, label FROM images "
                         "WHERE state = ? ORDER BY hash", (LABELLED,))
@@ -1137,8 +1146,9 @@ def simulate(db, voters=2000, accuracy=0.9, min_votes=3, agreement="2/3", max_vo
         (decided_votes,), = database.query("SELECT COALESCE(SUM(votes), 0) FROM images WHERE state IN (?, ?)",
                                            (PROMOTED, RETIRED))
     share = f"{100 * right / len(promoted):.2f}%" if promoted else "-"
-    points = (f"; a reading {rule.reader_weight} point, promoted at {rule.min_points} points with "
-              f"point_agreement {rule.point_agreement}" if reader is not None else "; no reader")
+    points = (f"; a reading {rule.reader_weight} point from confidence {rule.reader_min_confidence}, "
+              f"promoted at {rule.min_points} points with point_agreement {rule.point_agreement}"
+              if reader is not None else "; no reader")
     print(f"simulate: {voters} voters at P={accuracy}, {num_hidden} hidden labels, "
           f"min_votes {rule.min_votes}, agreement {rule.agreement}, max_votes {rule.max_votes}{points}")
     print(f"  passed {passed}, votes {votes}; promoted {len(promoted)}, right {right} ({share}), "

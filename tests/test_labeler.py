@@ -136,6 +136,7 @@ def test_bad_rule_options_are_one_line_errors(min_votes, agreement, max_votes):
 @pytest.mark.parametrize("option, value", [
     ("reader_weight", 1.5), ("reader_weight", -0.5), ("reader_weight", "half"), ("reader_weight", True),
     ("min_points", 0), ("min_points", 11), ("point_agreement", 0), ("point_agreement", "4/3"),
+    ("reader_min_confidence", -0.1), ("reader_min_confidence", 1.5),
 ])
 def test_bad_point_options_are_one_line_errors(option, value):
     with pytest.raises(CaptchaError, match=f"--{option} must be"):
@@ -892,14 +893,17 @@ def test_a_reader_that_cannot_read_the_pool_is_refused_and_imports_nothing(
 
 
 @pytest.mark.parametrize("kind", DATABASES)
-def test_a_reading_saves_a_vote_unless_its_weight_is_0(kind, new_db, images):
+def test_a_reading_saves_a_vote_unless_its_weight_is_0_or_it_is_unsure(kind, new_db, images):
     db = new_db(kind)
     database = Database(db)
-    first, second = [h for h, in database.query("SELECT hash FROM images WHERE state = ? ORDER BY hash",
-                                                 (PENDING,))][:2]
+    pending = [h for h, in database.query("SELECT hash FROM images WHERE state = ? ORDER BY hash",
+                                          (PENDING,))]
     database.query("UPDATE images SET reading = 'AB12', reading_confidence = 0.9, reader = 'test' "
-                   "WHERE hash IN (?, ?)", (first, second))
-    for image, rule, votes_to_promotion in ((first, Rule(), 2), (second, Rule(reader_weight=Fraction(0)), 3)):
+                   "WHERE hash IN (?, ?, ?)", tuple(pending[:3]))
+    unweighted = Rule(reader_weight=Fraction(0))
+    unsure = Rule(reader_min_confidence=Fraction(95, 100))  # 0.9 is under it: decided by votes
+    for image, rule, votes_to_promotion in ((pending[0], Rule(), 2), (pending[1], unweighted, 3),
+                                            (pending[2], unsure, 3), (pending[3], Rule(), 3)):
         for vote in range(1, votes_to_promotion + 1):
             with database.transaction():
                 captcha_labeler.add_vote(database, rule, image, "AB12")
