@@ -1,7 +1,9 @@
 """Break CAPTCHAs with a CNN. The book's model (`--arch book`, the default) cuts each 100x40
 grayscale CAPTCHA into four 25x40 slices, and one small CNN reads each slice as one of 36
 characters. `--arch whole` sees the whole CAPTCHA and reads all its characters at once; it reads
-any format (alphabet, case rule, lengths, size), which the model file carries.
+any format (alphabet, case rule, lengths, size), which the model file carries. Without
+--model_path, predict and evaluate read each CAPTCHA with the shipped models that fit it and keep
+the likeliest reading; read(image) does the same from Python.
 
     python captcha_solver.py train --dest_train data/train --dest_val data/val --outdir runs/book \
         --batch_size 16 --lr 1e-3 --epochs 20 --n_classes 36 --shuffle True --dim '(40,100,1)'
@@ -12,8 +14,11 @@ any format (alphabet, case rule, lengths, size), which the model file carries.
     python captcha_solver.py train --arch whole --dest_train data/ic/train --dest_val data/ic/val \
         --outdir runs/ic --charset alnum_lower --length 4-6 --case_sensitive True --dim '(48,128,1)'
     python captcha_solver.py predict data/test/26UR.png
+    python captcha_solver.py evaluate --eval_dest data/mixed --outdir runs/mixed --min_confidence 0.9
     python captcha_solver.py export --model_path runs/ic/captcha_breaker.keras --format onnx
 """
+import json
+import logging
 import os
 import re
 import time
@@ -22,18 +27,14 @@ import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import cache
 from itertools import zip_longest
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 import pandas as pd
-
-from captcha_common import start_keras
-
-start_keras()  # TensorFlow's start-up lines only with --verbose True
-import keras  # noqa: E402
-from keras import layers  # noqa: E402
 
 from captcha_common import (
     BOOK_FORMAT,
@@ -53,17 +54,28 @@ from captcha_common import (
     read_image,
     run_cli,
     save_figure,
+    start_keras,
     subplots,
     training_devices,
 )
 
+start_keras()  # TensorFlow's start-up lines only with --verbose True
+import keras  # noqa: E402
+from keras import layers  # noqa: E402
+
+# TensorFlow counts the traces of every Keras model's predict step together (they share one code
+# object), so reading with several models, at one trace per model and batch shape, would warn of
+# excessive retracing on every run.
+logging.getLogger("tensorflow").addFilter(lambda record: "tf.function retracing" not in record.getMessage())
+
 MODELS = Path(__file__).resolve().parent / "models"
 BOOK_MODEL = MODELS / "captcha_breaker.keras"  # the book's network, trained to the book's figures
-DEFAULT_MODEL = MODELS / "whole_image_cnn.keras"  # the best reader, which predict uses
+WHOLE_MODEL = MODELS / "whole_image_cnn.keras"  # the best claptcha reader
 MODEL_FILE = "captcha_breaker.keras"
 BOOK_DIM = BOOK_FORMAT.dim
 SLICE_SHAPE = (40, 25, 1)
 FORMAT_ENTRY = "captcha_format.json"  # the format, stored in the .keras zip beside Keras's own files
+IMAGE_SIZES_ENTRY = "image_sizes.json"  # the (width, height) sizes of the images it was trained on
 
 # ## Data
 #
@@ -74,8 +86,48 @@ FORMAT_ENTRY = "captcha_format.json"  # the format, stored in the .keras zip bes
 
 def load_img(path, dim=(100, 40), channels=1):
     """One CAPTCHA as a (height, width, channels) uint8 array, resized to dim = (width, height)."""
-    img = cv2.resize(read_image(path, grayscale=channels == 1), dim)
-    return img.reshape((dim[1], dim[0], channels))
+    return fitted(read_image(path, grayscale=channels == 1), (dim[1], dim[0], channels))
+
+
+def fitted(image, dim):
+    """A decoded uint8 image resized to a model's (height, width, channels) input."""
+    height, width, _ = dim
+    return cv2.resize(image, (width, height)).reshape(dim)
+
+
+def decoded(image, grayscale):
+    """An image given as a path, encoded bytes (PNG, JPEG...) or a uint8 array (H x W grayscale, or
+    H x W x 3 RGB), as grayscale (H, W) or RGB (H, W, 3) uint8."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        mode = cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR
+        array = cv2.imdecode(np.frombuffer(image, np.uint8), mode)
+        if array is None:
+            raise CaptchaError(f"cannot read an image from {len(image)} bytes: they are not an encoded image")
+        return array if grayscale else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    if not isinstance(image, np.ndarray):
+        return read_image(image, grayscale)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or image.shape[2:] not in ((), (1,), (3,)):
+        raise CaptchaError(f"an image array must be H x W (grayscale) or H x W x 3 (RGB) of uint8, got "
+                           f"shape {image.shape} of {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return image if grayscale else cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if grayscale else image
+
+
+def prepared(images, dims):
+    """Images (paths, bytes or arrays) decoded once per colour mode, in parallel, and resized to every
+    (height, width, channels) of dims: {dim: (N, *dim) uint8}, and each image's own (width, height)."""
+    def one(image):
+        by_mode = {grayscale: decoded(image, grayscale) for grayscale in {dim[2] == 1 for dim in dims}}
+        height, width = next(iter(by_mode.values())).shape[:2]
+        return [fitted(by_mode[dim[2] == 1], dim) for dim in dims], (width, height)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # cv2 releases the GIL while decoding
+        done = list(pool.map(one, images))
+    inputs = {dim: np.stack([fitted_images[k] for fitted_images, _ in done]) for k, dim in enumerate(dims)}
+    return inputs, np.array([size for _, size in done])
 
 
 def create_dict_char_to_index():
@@ -127,13 +179,11 @@ def encode_labels(labels, captcha_format):
 def load_captchas(files, captcha_format=BOOK_FORMAT, with_labels=True):
     """Decode files in parallel into (N, height, width, channels) uint8 images and their
     (N, max_length) class labels."""
-    height, width, channels = captcha_format.dim
     labels = None
     if with_labels:
         labels = encode_labels([checked_label(f, captcha_format) for f in files], captcha_format)
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # cv2 releases the GIL while decoding
-        images = np.stack(list(pool.map(lambda f: load_img(f, (width, height), channels), files)))
-    return images, labels
+    inputs, _ = prepared(files, [captcha_format.dim])
+    return inputs[captcha_format.dim], labels
 
 
 def cut_slices(images):
@@ -171,7 +221,8 @@ class DataGenerator(keras.utils.PyDataset):
                  dim=BOOK_DIM, shuffle=True, seed=None, arch="book", captcha_format=None,
                  skip_bad_labels=False, **kwargs):
         super().__init__(**kwargs)
-        captcha_format = captcha_format or replace(BOOK_FORMAT, **dict(zip(("height", "width", "channels"), dim)))
+        captcha_format = captcha_format or replace(
+            BOOK_FORMAT, **dict(zip(("height", "width", "channels"), dim)))
         files = fitting_files(list_captchas(dest), captcha_format, skip_bad_labels)
         images, labels = load_captchas(files, captcha_format)
         self.inputs, self.labels = arch_view(arch, images, labels)
@@ -432,7 +483,8 @@ def train(dest_train, dest_val, outdir, batch_size=16, n_classes=None, dim=None,
         model = build_model(arch, captcha_format, learning_rate, filters, policy)
         history = model.fit(train_generator, epochs=epochs, validation_data=val_generator,
                             callbacks=callbacks, verbose=progress_verbosity())
-    save_breaker(float32_model(model, arch, captcha_format, filters), captcha_format, outdir / MODEL_FILE)
+    save_breaker(float32_model(model, arch, captcha_format, filters), captcha_format, outdir / MODEL_FILE,
+                 image_sizes_of(train_files))
     plot_history(pd.DataFrame(history.history), outdir / "curves.png")
     print(f"Model written at: {outdir / MODEL_FILE}")
 
@@ -452,29 +504,63 @@ def plot_history(history, path):
 # ## Saving, loading and reading
 #
 # A model file carries its format, so a model never reads with another model's alphabet. Files
-# from before formats existed hold none: they read the book's. An ONNX export carries it too, in
-# the ONNX file's metadata, and reads without TensorFlow through onnxruntime.
+# from before formats existed hold none: they read the book's. It also carries the sizes of the
+# images it was trained on, which tell what CAPTCHAs it was made for: every format here reads at
+# 100x40, whether its CAPTCHAs are drawn at 200x80, 170x80 or 160x60. An ONNX export carries both,
+# in the ONNX file's metadata, and reads without TensorFlow through onnxruntime.
 
 
-def save_breaker(model, captcha_format, path):
-    """Write a model whole, its format inside the .keras zip (Keras ignores entries it doesn't know)."""
+def save_breaker(model, captcha_format, path, image_sizes=()):
+    """Write a model whole, its format and its training images' (width, height) sizes inside the
+    .keras zip (Keras ignores entries it doesn't know)."""
     with atomic_path(path) as temporary:
         model.save(temporary)
         with zipfile.ZipFile(temporary, "a") as archive:
             archive.writestr(FORMAT_ENTRY, captcha_format.to_json())
+            if image_sizes:
+                archive.writestr(IMAGE_SIZES_ENTRY, json.dumps([list(size) for size in image_sizes]))
+
+
+def image_sizes_of(files):
+    """The (width, height) of image files, each size once, the commonest first (from the headers)."""
+    from PIL import Image
+
+    counts = Counter()
+    for file in files:
+        with Image.open(file) as image:
+            counts[image.size] += 1
+    return [size for size, _ in counts.most_common()]
+
+
+ASPECT_TOLERANCE = 0.05  # the three families drawn here are 6.7% (160x60 and 200x80) or more apart
 
 
 @dataclass
 class Breaker:
     """A model that reads CAPTCHAs (Keras, or an ONNX session with the same predict), with the
-    format it reads and its architecture."""
+    format it reads, its architecture, its file's name and the (width, height) of the images it
+    was trained on, where its file records them."""
     model: object
     captcha_format: CaptchaFormat
     arch: str
+    name: str = ""
+    image_sizes: tuple = ()
+
+    @property
+    def aspects(self):
+        """The width-to-height ratios it was made for: its training images', else its input's."""
+        sizes = self.image_sizes or ((self.captcha_format.width, self.captcha_format.height),)
+        return tuple(sorted({width / height for width, height in sizes}))
+
+    def takes(self, sizes):
+        """Which of (N, 2) image (width, height) sizes it can read: those within ASPECT_TOLERANCE
+        of an aspect it was made for, which resizing to its input squashes no more than its own."""
+        ratios = sizes[:, 0] / sizes[:, 1]
+        return (np.abs(np.log(ratios[:, None] / np.array(self.aspects))) <= np.log1p(ASPECT_TOLERANCE)).any(1)
 
 
 class OnnxModel:
-    """An exported breaker under onnxruntime, with Keras's predict(x, batch_size) signature."""
+    """An exported breaker under onnxruntime, with Keras's predict(x, batch_size) and predict_on_batch(x)."""
 
     def __init__(self, path):
         import onnxruntime
@@ -483,8 +569,11 @@ class OnnxModel:
         self.input_name = self.session.get_inputs()[0].name
         self.metadata = self.session.get_modelmeta().custom_metadata_map
 
+    def predict_on_batch(self, x):
+        return self.session.run(None, {self.input_name: x})[0]
+
     def predict(self, x, batch_size=256, verbose=0):
-        return np.concatenate([self.session.run(None, {self.input_name: x[i:i + batch_size]})[0]
+        return np.concatenate([self.predict_on_batch(x[i:i + batch_size])
                                for i in range(0, len(x), batch_size)])
 
 
@@ -499,11 +588,18 @@ def load_breaker(model_path):
     try:
         model = keras.models.load_model(model_path, compile=False)  # reading needs no optimizer
     except Exception as error:  # Keras raises many kinds for a file it can't read
-        raise CaptchaError(f"{model_path} is not a readable Keras model: {error}".splitlines()[0])
+        raise CaptchaError(f"{model_path} is not a readable Keras model: {error}".splitlines()[0]) from None
     with zipfile.ZipFile(model_path) as archive:
-        stored = FORMAT_ENTRY in archive.namelist() and archive.read(FORMAT_ENTRY).decode()
+        names = archive.namelist()
+        stored, sizes = (archive.read(entry).decode() if entry in names else None
+                         for entry in (FORMAT_ENTRY, IMAGE_SIZES_ENTRY))
     captcha_format = CaptchaFormat.from_json(stored) if stored else BOOK_FORMAT
-    return Breaker(model, captcha_format, arch_of(model, captcha_format, model_path))
+    return Breaker(model, captcha_format, arch_of(model, captcha_format, model_path), model_path.name,
+                   stored_sizes(sizes))
+
+
+def stored_sizes(text):
+    return tuple(tuple(size) for size in json.loads(text)) if text else ()
 
 
 def _load_onnx_breaker(model_path):
@@ -511,9 +607,15 @@ def _load_onnx_breaker(model_path):
         model = OnnxModel(model_path)
         captcha_format = CaptchaFormat.from_json(model.metadata["captcha_format"])
         arch = model.metadata["arch"]
+        sizes = stored_sizes(model.metadata.get("image_sizes"))
     except Exception as error:  # onnxruntime's errors, a missing or foreign metadata entry
-        raise CaptchaError(f"{model_path} is not an ONNX CAPTCHA breaker from export: {error}".splitlines()[0])
-    return Breaker(model, captcha_format, arch)
+        raise CaptchaError(
+            f"{model_path} is not an ONNX CAPTCHA breaker from export: {error}".splitlines()[0]) from None
+    return Breaker(model, captcha_format, arch, model_path.name, sizes)
+
+
+class NotABreaker(CaptchaError):
+    """A Keras model that is no CAPTCHA breaker, such as the GAN's judge, which models/ also holds."""
 
 
 def arch_of(model, captcha_format=BOOK_FORMAT, model_path=None):
@@ -524,7 +626,7 @@ def arch_of(model, captcha_format=BOOK_FORMAT, model_path=None):
         if shapes == arch_shape:
             return arch
     readable = " nor ".join(f"{a} {i} to {o}" for a, (i, o) in expected.items())
-    raise CaptchaError(f"{model_path or model.name} is not a CAPTCHA breaker: it maps {shapes[0]} to "
+    raise NotABreaker(f"{model_path or model.name} is not a CAPTCHA breaker: it maps {shapes[0]} to "
                        f"{shapes[1]}, not {readable} ({captcha_format.describe()})")
 
 
@@ -544,32 +646,172 @@ def decode(probabilities, captcha_format):
 
 def read_captchas(breaker, images, batch_size=256):
     """The text of each (N, height, width, channels) uint8 CAPTCHA, batch_size CAPTCHAs at a time."""
+    return read_with_confidences(breaker, images, batch_size)[0]
+
+
+def read_with_confidences(breaker, images, batch_size=256):
+    """The text of each CAPTCHA and the probability that the model gives it (sequence_confidences)."""
     inputs, _ = arch_view(breaker.arch, images)
-    per_captcha = len(inputs) // len(images)
-    probabilities = breaker.model.predict(scale(inputs), batch_size=batch_size * per_captcha, verbose=0)
-    return decode(probabilities.reshape(len(images), breaker.captcha_format.max_length, -1),
-                  breaker.captcha_format)
+    x, batch = scale(inputs), batch_size * (len(inputs) // len(images))
+    # predict sets up a dataset on every call (90 ms here); a single batch needs none (4 ms)
+    probabilities = (breaker.model.predict_on_batch(x) if len(x) <= batch
+                     else breaker.model.predict(x, batch_size=batch, verbose=0))
+    probabilities = probabilities.reshape(len(images), breaker.captcha_format.max_length, -1)
+    texts = decode(probabilities, breaker.captcha_format)
+    return texts, sequence_confidences(probabilities, texts, breaker.captcha_format)
+
+
+def sequence_confidences(probabilities, texts, captcha_format):
+    """The probability of each reading as a whole: the product over the positions of the probability
+    of the reading's class there, the end class after a shorter reading's last character. Where
+    decoding takes each position's likeliest class, that is the product of their top probabilities."""
+    codes = encode_labels(texts, captcha_format)
+    return np.take_along_axis(probabilities, codes[..., None], axis=-1)[..., 0].prod(axis=-1)
+
+
+# ## Choosing the model that fits
+#
+# Without --model_path, predict and evaluate read each image with every model in models/ that
+# takes it and keep the likeliest reading, the one of highest sequence confidence. A model takes
+# images of the shape it was trained on (Breaker.takes): offered every image, the claptcha
+# whole-image model's reading, always wrong, wins for 46% of the 4-6 ImageCaptchas, and that
+# family reads 13% where its own model reads 33%. The book's network is left out where a
+# whole-image model reads its format from the same images: it reads them worse (97.1% against
+# 99.4%), and its confident misreadings would win over the better model's right readings (99.0%).
+# A reading below --min_confidence is '?', unread.
+
+UNREAD = "?"
+
+
+class Reading(NamedTuple):
+    """One CAPTCHA as read() gives it: its text ('?' below min_confidence), its confidence and the
+    model's file name."""
+    text: str
+    confidence: float
+    model: str
+
+
+@cache
+def automatic_readers(folder):
+    """The CAPTCHA breakers of a folder that the automatic choice reads with (other Keras models
+    are passed over), loaded once per process."""
+    breakers = []
+    for path in sorted(Path(folder).glob("*.keras")):
+        try:
+            breakers.append(load_breaker(path))
+        except NotABreaker:
+            continue
+    if not breakers:
+        raise CaptchaError(f"no CAPTCHA breakers (.keras files) in {folder}")
+    whole = {(b.captcha_format, b.aspects) for b in breakers if b.arch == "whole"}
+    return tuple(b for b in breakers if b.arch != "book" or (b.captcha_format, b.aspects) not in whole)
+
+
+def readers_for(model_path):
+    """(the models to read with, whether each image goes only to the models that take it): those of
+    a folder, models/ when model_path is None; or the one model file, which reads every image."""
+    path = MODELS if model_path is None else Path(str(model_path))
+    if path.is_dir():
+        return automatic_readers(path.resolve()), True
+    return (load_breaker(path),), False
+
+
+def checked_confidence(min_confidence):
+    if min_confidence is not None and (isinstance(min_confidence, bool)
+                                       or not isinstance(min_confidence, (int, float))
+                                       or not 0 <= min_confidence <= 1):
+        raise CaptchaError(f"--min_confidence must be a number within [0, 1], got {min_confidence!r}")
+    return min_confidence
+
+
+def read_images(readers, images, by_shape, min_confidence=None):
+    """Each image (a path, bytes or an array) read by the readers (by_shape: those that take it),
+    its likeliest reading kept: a DataFrame of predictions, models (file names), confidences and
+    unread (why the answer is '?', else ''); and the images as the first reader's input reads them."""
+    dims = list(dict.fromkeys(reader.captcha_format.dim for reader in readers))
+    inputs, sizes = prepared(images, dims)
+    count = len(sizes)
+    texts, models, confidences = [UNREAD] * count, [""] * count, np.full(count, np.nan)
+    for reader in readers:
+        taken = np.flatnonzero(reader.takes(sizes)) if by_shape else np.arange(count)
+        if len(taken) == 0:
+            continue
+        for index, text, confidence in zip(taken, *read_with_confidences(
+                reader, inputs[reader.captcha_format.dim][taken])):
+            if np.isnan(confidences[index]) or confidence > confidences[index]:  # a tie keeps the first
+                texts[index], models[index], confidences[index] = text, reader.name, confidence
+    unread = []
+    for index, (width, height) in enumerate(sizes):
+        if not models[index]:
+            aspects = sorted({aspect for reader in readers for aspect in reader.aspects})
+            unread.append(f"no model takes a {width}x{height} image: its aspect {width / height:.2f} is not "
+                          f"within {ASPECT_TOLERANCE:.0%} of {', '.join(f'{a:.2f}' for a in aspects)}")
+        elif min_confidence is not None and confidences[index] < min_confidence:
+            texts[index] = UNREAD
+            unread.append(f"confidence {confidences[index]:.4f} below --min_confidence {min_confidence:g}")
+        else:
+            unread.append("")
+    readings = pd.DataFrame({"predictions": texts, "models": models, "confidences": confidences,
+                             "unread": unread})
+    return readings, inputs[dims[0]]
+
+
+def checked_target(file, readers):
+    """The label of a file, which must fit the format of one of the readers at least."""
+    label = label_from_filename(file)
+    if len(readers) == 1:
+        checked_label(file, readers[0].captcha_format)
+    elif not any(r.captcha_format.fits(r.captcha_format.normalised(label)) for r in readers):
+        raise CaptchaError(f"{file}: label {label!r} fits none of the models' formats: "
+                           + "; ".join(r.captcha_format.describe() for r in readers))
+    return label
+
+
+def read(image, model_path=None, min_confidence=None):
+    """One CAPTCHA, read as predict reads it: Reading(text, confidence, model). The image is a
+    path, encoded bytes (PNG, JPEG...) or a uint8 array, H x W x 3 RGB or H x W grayscale. The
+    models of a folder (models/ when model_path is None) are loaded on the first call and kept. An
+    image that no model takes is a CaptchaError saying why."""
+    min_confidence = checked_confidence(min_confidence)
+    readers, by_shape = readers_for(model_path)
+    readings, _ = read_images(readers, [image], by_shape, min_confidence)
+    reading = readings.iloc[0]
+    if not reading.models:
+        raise CaptchaError(reading.unread)
+    return Reading(str(reading.predictions), float(reading.confidences), str(reading.models))
 
 
 # ## Evaluation and use
 
 
-def evaluate(model_path, eval_dest, outdir, fetch_target=True):
-    """Read every CAPTCHA in eval_dest; writes evaluation.csv, and with targets a gallery of failures."""
-    breaker = load_breaker(model_path)
-    captcha_format = breaker.captcha_format
+def evaluate(model_path=None, eval_dest=None, outdir=None, fetch_target=True, min_confidence=None):
+    """Read every CAPTCHA in eval_dest; writes evaluation.csv, and with targets a gallery of failures.
+    --model_path: a model file reads every CAPTCHA; a folder (models/ when not given) reads each with
+    the models that take it, as predict does, and evaluation.csv gains the model chosen, its
+    confidence and why a CAPTCHA is unread. Below --min_confidence a reading is '?', unread and
+    wrong. A target is compared as the chosen model's format compares it (case-insensitive ones fold case)."""
+    if eval_dest is None or outdir is None:
+        raise CaptchaError("evaluate needs --eval_dest (the folder of CAPTCHAs) and --outdir")
+    min_confidence = checked_confidence(min_confidence)
+    readers, by_shape = readers_for(model_path)
     files = list_captchas(eval_dest)
-    targets = [checked_label(f, captcha_format) for f in files] if fetch_target else None
-    images, _ = load_captchas(files, captcha_format, with_labels=False)
-    predictions = read_captchas(breaker, images)
+    labels = [checked_target(f, readers) for f in files] if fetch_target else None
+    readings, images = read_images(readers, files, by_shape, min_confidence)
     outdir = ensure_dir(outdir)
-    results = pd.DataFrame({"files": [f.name for f in files], "predictions": predictions})
+    results = pd.DataFrame({"files": [f.name for f in files], "predictions": readings.predictions})
+    detailed = by_shape or min_confidence is not None
+    if detailed:
+        results = results.join(readings[["models", "confidences", "unread"]])
     if fetch_target:
-        results["targets"] = targets
+        formats = {reader.name: reader.captcha_format for reader in readers}
+        results["targets"] = [formats[model].normalised(label) if model else label
+                              for model, label in zip(readings.models, labels)]
         results["match"] = (results["predictions"] == results["targets"]).astype(int)
         report_accuracy(results)
-        write_confusions(results, outdir / "confusions.csv")
+        write_confusions(results[results.predictions != UNREAD], outdir / "confusions.csv")
         plot_failures(results, images, outdir / "failures.png")
+    if detailed:
+        report_choices(results)
     eval_file = outdir / "evaluation.csv"
     with atomic_path(eval_file) as temporary:
         results.to_csv(temporary, index=False)
@@ -587,11 +829,29 @@ def report_accuracy(results):
     per_char = np.mean([t == p for t, p in character_pairs(results)])
     print(f"Accuracy: {results['match'].mean()}")
     print(f"Per-character accuracy: {per_char}")
+    answered = results.predictions != UNREAD
+    if not answered.all():
+        print(f"Unread ('{UNREAD}', counted wrong): {(~answered).sum()} of {len(results)}; accuracy of "
+              f"the {answered.sum()} answered: {results.match[answered].mean()}")
     by_length = results.groupby(results.targets.str.len())["match"].agg(["count", "mean"])
     if len(by_length) > 1:
         print("Accuracy by length:")
         print(by_length.rename(columns={"count": "CAPTCHAs", "mean": "accuracy"})
               .rename_axis("length").to_string())
+
+
+def report_choices(results):
+    """How many CAPTCHAs each model read (and, with targets, how well), and why some are unread."""
+    chosen = results.assign(model=results.models.replace("", "(none takes it)"),
+                            answered=results.predictions != UNREAD)
+    table = chosen.groupby("model").agg(CAPTCHAs=("files", "count"), answered=("answered", "sum"),
+                                        **({"accuracy": ("match", "mean")} if "match" in chosen else {}))
+    print("Chosen models:")
+    print(table.to_string())
+    untaken = results[results.models == ""]
+    if len(untaken):
+        print(f"{len(untaken)} CAPTCHAs that no model takes, such as {untaken.files.iloc[0]}: "
+              f"{untaken.unread.iloc[0]}")
 
 
 def character_confusions(results):
@@ -631,16 +891,27 @@ def plot_failures(results, images, path, shown=36):
     save_figure(figure, path)
 
 
-def predict(path, model_path=DEFAULT_MODEL):
-    """Print the text of one CAPTCHA image, or of every image in a folder (model: .keras or .onnx)."""
-    breaker = load_breaker(model_path)
+def predict(path, model_path=None, min_confidence=None):
+    """Print the text of one CAPTCHA image, or of every image in a folder. Without --model_path,
+    each image is read by every model in models/ that takes it (one trained on images of its
+    shape) and the likeliest reading is kept: a line gives the file, the text, the model and its
+    confidence, or '?' and why, when no model takes the image or its confidence is below
+    --min_confidence. --model_path: a folder of models is read as models/ is; a model file (.keras
+    or .onnx) reads every image, and a line gives the file and the text."""
+    min_confidence = checked_confidence(min_confidence)
+    readers, by_shape = readers_for(model_path)
     path = Path(str(path))
     if not path.exists():
         raise CaptchaError(f"no such file or folder: {path}")
     files = list_captchas(path) if path.is_dir() else [path]
-    images, _ = load_captchas(files, breaker.captcha_format, with_labels=False)
-    for file, text in zip(files, read_captchas(breaker, images)):
-        print(f"{file.name}\t{text}")
+    readings, _ = read_images(readers, files, by_shape, min_confidence)
+    detailed = by_shape or min_confidence is not None
+    for file, reading in zip(files, readings.itertuples()):
+        fields = [file.name, reading.predictions]
+        if detailed:
+            confidence = "-" if np.isnan(reading.confidences) else f"{reading.confidences:.4f}"
+            fields += [reading.models or "-", confidence] + ([reading.unread] if reading.unread else [])
+        print("\t".join(fields))
 
 
 # ## Export for serving without TensorFlow
@@ -687,7 +958,10 @@ def _export_onnx(model, path, breaker):
     except ImportError as error:
         raise CaptchaError(f"ONNX export needs TensorFlow and tf2onnx: {error}".splitlines()[0]) from None
     exported = onnx.load(str(path))
-    for key, value in (("captcha_format", breaker.captcha_format.to_json()), ("arch", breaker.arch)):
+    entries = {"captcha_format": breaker.captcha_format.to_json(), "arch": breaker.arch}
+    if breaker.image_sizes:
+        entries["image_sizes"] = json.dumps([list(size) for size in breaker.image_sizes])
+    for key, value in entries.items():
         exported.metadata_props.add(key=key, value=value)
     onnx.save(exported, str(path))
 

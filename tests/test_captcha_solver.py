@@ -159,6 +159,7 @@ def trained(request, captchas, tmp_path_factory):
 
 
 def test_training_on_a_small_set_is_far_above_chance(trained):
+    assert load_breaker(trained / "captcha_breaker.keras").image_sizes == ((200, 80),)  # claptcha's
     history = pd.read_csv(trained / "history.csv")
     assert list(history.epoch) == list(range(len(history))) and len(history) >= 4
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "seconds"} <= set(history.columns)
@@ -294,7 +295,7 @@ def test_predict_agrees_with_evaluate(controlled, tmp_path, capsys):
     assert capsys.readouterr().out == "QQQQ.png\tQRQQ\n"
 
 
-@pytest.mark.parametrize("model_path", [captcha_solver.BOOK_MODEL, captcha_solver.DEFAULT_MODEL],
+@pytest.mark.parametrize("model_path", [captcha_solver.BOOK_MODEL, captcha_solver.WHOLE_MODEL],
                          ids=["book", "whole"])
 def test_the_shipped_models_read_captchas(model_path, captchas, tmp_path, capsys):
     if not model_path.exists():
@@ -478,7 +479,7 @@ def test_labels_outside_the_format_stop_or_are_skipped_and_counted(banded, captc
         evaluate(model_path, folder, tmp_path / "out")
     train_dir = tmp_path / "train"
     train_dir.mkdir()
-    for k, source in enumerate(sorted((captchas / "val").iterdir())[:20]):
+    for source in sorted((captchas / "val").iterdir())[:20]:
         (train_dir / source.name).write_bytes(source.read_bytes())
     (train_dir / "AB1.png").write_bytes(source.read_bytes())
     with pytest.raises(CaptchaError, match="AB1.png"):
@@ -502,8 +503,9 @@ def test_the_onnx_export_reads_as_keras_does(trained, captchas, tmp_path, capsys
     files = list_captchas(captchas / "test")
     images, _ = load_captchas(files, with_labels=False)
     by_keras = read_captchas(load_breaker(trained / "captcha_breaker.keras"), images)
-    by_onnx = read_captchas(load_breaker(tmp_path / "breaker.onnx"), images)
-    assert by_onnx == by_keras
+    exported = load_breaker(tmp_path / "breaker.onnx")
+    assert read_captchas(exported, images) == by_keras
+    assert exported.image_sizes == load_breaker(trained / "captcha_breaker.keras").image_sizes
     capsys.readouterr()
     predict(captchas / "test", model_path=tmp_path / "breaker.onnx")
     assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == by_keras
@@ -521,6 +523,265 @@ def test_a_file_that_is_not_an_exported_breaker_is_one_line(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"not onnx")
     with pytest.raises(CaptchaError, match="not an ONNX CAPTCHA breaker"):
         load_breaker(tmp_path / "x.onnx")
+
+
+# ## Choosing the model that fits
+
+
+def test_the_confidence_is_the_probability_of_the_reading_end_classes_included():
+    end = len(LOWER_4_TO_6.charset)
+    probabilities = np.full((2, 6, end + 1), 0.0)
+    for position, (top, runner_up) in enumerate([(10, 11), (11, 10), (1, 2), (2, 1), (end, 3), (4, end)]):
+        probabilities[:, position, [top, runner_up]] = [0.8, 0.2] if position == 5 else [0.9, 0.1]
+    probabilities[1, 1, [end, 11, 10]] = [0.6, 0.3, 0.1]  # the end class where it may not stand
+    texts = decode(probabilities, LOWER_4_TO_6)
+    assert texts == ["ab12", "ab12"]
+    confidences = captcha_solver.sequence_confidences(probabilities, texts, LOWER_4_TO_6)
+    # "ab12" stops at position 4, so position 5 counts with its end class (0.2), not its top class (0.8);
+    # in the second, position 1 counts with the b that decoding takes (0.3), not the end class (0.6)
+    assert confidences == pytest.approx([0.9 ** 5 * 0.2, 0.9 ** 4 * 0.3 * 0.2])
+
+
+def test_a_model_takes_images_of_the_shape_it_was_trained_on():
+    sizes = np.array([[200, 80], [170, 80], [160, 60], [205, 80], [100, 100]])
+    recorded = captcha_solver.Breaker(None, BOOK_FORMAT, "whole", image_sizes=((170, 80),))
+    assert recorded.takes(sizes).tolist() == [False, True, False, False, False]
+    unrecorded = captcha_solver.Breaker(None, BOOK_FORMAT, "whole")  # its input's 100x40
+    assert unrecorded.takes(sizes).tolist() == [True, False, False, True, False]
+
+
+def flat_reader(captcha_format):
+    """A whole-image breaker that gives every class the same probability at every position."""
+    inputs = keras.Input(captcha_format.dim)
+    positions, classes = captcha_format.max_length, captcha_solver.classes_per_position(captcha_format)
+    logits = keras.layers.Dense(positions * classes, kernel_initializer="zeros")(
+        keras.layers.GlobalAveragePooling2D()(inputs))
+    return keras.Model(inputs, keras.layers.Softmax()(keras.layers.Reshape((positions, classes))(logits)))
+
+
+WIDE_LOWER = replace(LOWER_4_TO_6, height=60, width=160)
+
+
+@pytest.fixture
+def two_families(tmp_path):
+    """A folder of two readers, each recording the size it was trained on: the intensity reader for
+    200x80 CAPTCHAs, the band reader for 160x60 ones of 4-6 of 0-9a-z; and a folder of both
+    families' CAPTCHAs and one square image that neither takes."""
+    models = tmp_path / "models"
+    models.mkdir()
+    save_breaker(intensity_reader("whole"), BOOK_FORMAT, models / "gray.keras", image_sizes=[(200, 80)])
+    save_breaker(banded_reader(WIDE_LOWER), WIDE_LOWER, models / "bands.keras", image_sizes=[(160, 60)])
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_gray_captcha(folder / "AB12.png", "AB12")
+    write_gray_captcha(folder / "QQQQ.png", "QRQQ")
+    write_banded_captcha(folder / "xyz789.png", "xyz789", WIDE_LOWER)
+    write_banded_captcha(folder / "kk00.png", "kk00", WIDE_LOWER)
+    cv2.imwrite(str(folder / "SQ12.png"), np.zeros((90, 90), np.uint8))
+    return models, folder
+
+
+def printed_fields(out):
+    return {line.split("\t")[0]: line.split("\t")[1:] for line in out.splitlines()}
+
+
+def test_each_image_goes_to_the_models_that_take_it(two_families, capsys):
+    models, folder = two_families
+    predict(folder, model_path=models)
+    printed = printed_fields(capsys.readouterr().out)
+    assert {name: fields[:2] for name, fields in printed.items()} == {
+        "AB12.png": ["AB12", "gray.keras"], "QQQQ.png": ["QRQQ", "gray.keras"],
+        "kk00.png": ["kk00", "bands.keras"], "xyz789.png": ["xyz789", "bands.keras"],
+        "SQ12.png": ["?", "-"]}
+    assert all(float(printed[name][2]) > 0.9 for name in printed if name != "SQ12.png")
+    assert printed["SQ12.png"][2:] == ["-", "no model takes a 90x90 image: its aspect 1.00 is not within 5% "
+                                            "of 2.50, 2.67"]
+
+
+def test_the_likeliest_reading_wins_and_a_tie_keeps_the_first_model(tmp_path, capsys):
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("a_flat", "c_flat"):
+        save_breaker(flat_reader(BOOK_FORMAT), BOOK_FORMAT, models / f"{name}.keras")
+    save_breaker(intensity_reader("whole"), BOOK_FORMAT, models / "b_gray.keras")
+    write_gray_captcha(tmp_path / "AB12.png", "AB12")
+    predict(tmp_path / "AB12.png", model_path=models)
+    assert printed_fields(capsys.readouterr().out)["AB12.png"][:2] == ["AB12", "b_gray.keras"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("a_flat", "c_flat"):
+        (flat / f"{name}.keras").write_bytes((models / f"{name}.keras").read_bytes())
+    predict(tmp_path / "AB12.png", model_path=flat)
+    _, model, confidence = printed_fields(capsys.readouterr().out)["AB12.png"]
+    assert model == "a_flat.keras" and float(confidence) == pytest.approx(36.0 ** -4, abs=5e-5)
+
+
+def test_the_books_network_gives_way_to_a_whole_image_model_of_its_family(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    intensity_reader("book").save(models / "book.keras")
+    inputs = keras.Input((32, 32, 3))  # a model that is no breaker, such as the GAN's judge
+    keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(inputs))).save(models / "judge.keras")
+    assert [r.name for r in captcha_solver.automatic_readers(models)] == ["book.keras"]
+    intensity_reader("whole").save(models / "whole.keras")
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("book.keras", "whole.keras"):
+        (other / name).write_bytes((models / name).read_bytes())
+    assert [r.name for r in captcha_solver.automatic_readers(other)] == ["whole.keras"]
+
+
+def test_evaluate_records_the_choice_and_counts_unread_captchas(two_families, tmp_path, capsys):
+    models, folder = two_families
+    (folder / "SQ12.png").unlink()
+    save_breaker(flat_reader(BOOK_FORMAT), BOOK_FORMAT, models / "square.keras", image_sizes=[(90, 90)])
+    cv2.imwrite(str(folder / "SQ12.png"), np.zeros((90, 90), np.uint8))
+    evaluate(models, folder, tmp_path / "out", min_confidence=0.5)
+    results = pd.read_csv(tmp_path / "out" / "evaluation.csv", keep_default_na=False)
+    assert list(results.columns) == ["files", "predictions", "models", "confidences", "unread", "targets",
+                                     "match"]
+    rows = results.set_index("files")
+    assert rows.loc["SQ12.png", ["predictions", "models", "match"]].tolist() == ["?", "square.keras", 0]
+    assert rows.loc["SQ12.png", "unread"].startswith("confidence 0.0000 below --min_confidence 0.5")
+    assert rows.match.to_dict() == {"AB12.png": 1, "QQQQ.png": 0, "SQ12.png": 0, "kk00.png": 1,
+                                    "xyz789.png": 1}
+    out = capsys.readouterr().out
+    assert "Accuracy: 0.6" in out
+    assert "Unread ('?', counted wrong): 1 of 5; accuracy of the 4 answered: 0.75" in out
+    assert re.search(r"^square\.keras\s+1\s+0\s+0\.0$", out, re.M)
+    assert re.search(r"^bands\.keras\s+2\s+2\s+1\.0$", out, re.M)
+    confusions = pd.read_csv(tmp_path / "out" / "confusions.csv", keep_default_na=False)
+    assert confusions.values.tolist() == [["Q", "R", 1]]  # an unread CAPTCHA is no character confusion
+
+
+def test_a_label_that_fits_no_models_format_is_named(two_families, tmp_path):
+    models, folder = two_families
+    (folder / "AB1.png").write_bytes((folder / "AB12.png").read_bytes())
+    with pytest.raises(CaptchaError, match="AB1.png: label 'AB1' fits none of the models' formats"):
+        evaluate(models, folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "high", True, float("nan")])
+def test_a_min_confidence_outside_0_to_1_is_refused(two_families, tmp_path, value):
+    models, folder = two_families
+    with pytest.raises(CaptchaError, match="--min_confidence must be a number within"):
+        predict(folder, model_path=models, min_confidence=value)
+    with pytest.raises(CaptchaError, match="--min_confidence must be a number within"):
+        evaluate(models, folder, tmp_path / "out", min_confidence=value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_file_reads_every_image_and_answers_as_it_did(two_families, tmp_path, capsys):
+    models, folder = two_families
+    predict(folder, model_path=models / "gray.keras")
+    printed = printed_fields(capsys.readouterr().out)
+    assert all(len(fields) == 1 for fields in printed.values()) and len(printed) == 5
+    predict(folder / "AB12.png", model_path=models / "gray.keras", min_confidence=0.5)
+    assert capsys.readouterr().out.startswith("AB12.png\tAB12\tgray.keras\t")
+    save_breaker(flat_reader(BOOK_FORMAT), BOOK_FORMAT, tmp_path / "flat.keras")
+    predict(folder / "AB12.png", model_path=tmp_path / "flat.keras", min_confidence=0.5)
+    assert capsys.readouterr().out == ("AB12.png\t?\tflat.keras\t0.0000\tconfidence 0.0000 below "
+                                       "--min_confidence 0.5\n")
+
+
+# Each shipped model's family, as its provenance gives it: generator options and image size.
+SHIPPED_FAMILIES = {
+    "whole_image_cnn.keras": (dict(), (200, 80)),
+    "imagecaptcha_4_alnum_upper.keras": (dict(generator="captcha", width=170, height=80,
+                                              charset="alnum_upper", length=4), (170, 80)),
+    "imagecaptcha_4to6_alnum_lower.keras": (dict(generator="captcha", width=160, height=60,
+                                                 charset="alnum_lower", length="4-6"), (160, 60)),
+}
+
+
+@pytest.fixture(scope="module")
+def shipped_families(tmp_path_factory, font):
+    """A few CAPTCHAs of each shipped model's family, in one folder per family and all in one; and
+    copies of the shipped models that record the size of the images each was trained on."""
+    from CaptchaGenerator import main_process
+
+    root = tmp_path_factory.mktemp("families")
+    models, mixed = root / "models", root / "mixed"
+    models.mkdir()
+    mixed.mkdir()
+    for k, (name, (options, size)) in enumerate([("captcha_breaker.keras", ({}, (200, 80))),
+                                                 *SHIPPED_FAMILIES.items()]):
+        breaker = load_breaker(captcha_solver.MODELS / name)
+        save_breaker(breaker.model, breaker.captcha_format, models / name, image_sizes=[size])
+        if name in SHIPPED_FAMILIES:
+            main_process(outdir_test=root / name, num_captchas_test=4, font=font, seed=9000 + k, **options)
+            for file in (root / name).iterdir():
+                (mixed / f"{file.stem}_{k}.png").write_bytes(file.read_bytes())
+    return root
+
+
+def test_each_family_is_read_by_its_own_model(shipped_families, capsys):
+    predict(shipped_families / "mixed", model_path=shipped_families / "models")
+    printed = printed_fields(capsys.readouterr().out)
+    assert len(printed) == 4 * len(SHIPPED_FAMILIES)
+    for k, name in enumerate(SHIPPED_FAMILIES, 1):
+        own = load_breaker(captcha_solver.MODELS / name)
+        files = list_captchas(shipped_families / name)
+        images, _ = load_captchas(files, own.captcha_format, with_labels=False)
+        automatic = [printed[f"{file.stem}_{k}.png"] for file in files]
+        assert [model for _, model, _ in automatic] == [name] * len(files)
+        assert [text for text, _, _ in automatic] == read_captchas(own, images)
+
+
+def test_read_takes_a_path_bytes_or_an_array_and_loads_the_models_once(captchas, monkeypatch):
+    files = list_captchas(captchas / "test")[:3]
+    loads = []
+    monkeypatch.setattr(captcha_solver, "load_breaker", lambda path: loads.append(path) or load_breaker(path))
+    captcha_solver.automatic_readers.cache_clear()
+    for file in files:
+        rgb = cv2.cvtColor(cv2.imread(str(file)), cv2.COLOR_BGR2RGB)
+        readings = [captcha_solver.read(image) for image in
+                    (file, str(file), file.read_bytes(), rgb, cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))]
+        text, confidence, model = readings[0]
+        assert {reading.text for reading in readings} == {text}
+        assert {reading.model for reading in readings} == {model} == {"whole_image_cnn.keras"}
+        assert [r.confidence for r in readings] == pytest.approx([confidence] * 5, abs=1e-3)
+        assert 0 < confidence <= 1
+    assert sorted(loads) == sorted(captcha_solver.MODELS.glob("*.keras"))  # each once, the GAN's judge too
+    texts = [captcha_solver.read(file).text for file in list_captchas(captchas / "test")]
+    labels = [captcha_solver.label_from_filename(file) for file in list_captchas(captchas / "test")]
+    assert np.mean([t == label for t, label in zip(texts, labels)]) > 0.9
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((80, 80), np.uint8), "no model takes a 80x80 image"),
+    (b"not an image", "cannot read an image from 12 bytes"),
+    (np.zeros((80, 200, 3), np.float32), "an image array must be"),
+    (np.zeros((80, 200, 4), np.uint8), "an image array must be"),
+])
+def test_read_says_why_it_cannot_read_an_image(image, message):
+    with pytest.raises(CaptchaError, match=message):
+        captcha_solver.read(image)
+
+
+def test_the_shipped_models_leave_an_image_of_no_family_unread(captchas, tmp_path, capsys):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "AB12.png"), np.full((120, 120, 3), 255, np.uint8))
+    (folder / "CD34.png").write_bytes(next((captchas / "test").iterdir()).read_bytes())
+    predict(folder)
+    printed = printed_fields(capsys.readouterr().out)
+    assert printed["AB12.png"][:3] == ["?", "-", "-"]
+    assert printed["AB12.png"][3].startswith("no model takes a 120x120 image: its aspect 1.00 is not "
+                                             "within 5%")
+    assert printed["CD34.png"][1] == "whole_image_cnn.keras" and len(printed["CD34.png"]) == 3
+    evaluate(eval_dest=folder, outdir=tmp_path / "out")
+    results = pd.read_csv(tmp_path / "out" / "evaluation.csv", keep_default_na=False).set_index("files")
+    assert results.loc["AB12.png", ["predictions", "models", "match"]].tolist() == ["?", "", 0]
+    assert results.loc["AB12.png", "unread"] == printed["AB12.png"][3]
+
+
+def test_min_confidence_outside_0_to_1_is_one_line_on_the_command_line(captchas):
+    result = run_solver("predict", str(next((captchas / "test").iterdir())), "--min_confidence", "1.5")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("error: --min_confidence must be a number within "
+                                                      "[0, 1], got 1.5")
 
 
 # ## Recipes
