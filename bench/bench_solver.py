@@ -8,7 +8,10 @@
       alone costs each epoch;
   (c) evaluating the same CAPTCHAs with the whole-image model (`--arch whole`);
   (d) evaluating CAPTCHAs of another family, ImageCaptcha 160x60 with 4 to 6 characters of
-      0-9a-z, with a whole-image model of that format, as a Keras model and exported to ONNX.
+      0-9a-z, with a whole-image model of that format, as a Keras model and exported to ONNX;
+  (e) evaluating a folder that mixes three families (claptcha 200x80, ImageCaptcha 170x80 of
+      4 and 160x60 of 4-6 characters) with the automatic choice among three whole-image models,
+      each recording the size it was trained on, as models/ would.
 
     .venv/bin/python bench/bench_solver.py --num_eval 4000 --num_train 4000 --book_eval 100
 
@@ -148,12 +151,13 @@ def evaluate_variant(ours, variant, data, book_eval):
 EVAL_MODELS = {"ours_eval": ("untrained.keras", "eval"),
                "whole_eval": ("untrained_whole.keras", "eval"),
                "family_eval": ("untrained_family.keras", "family_eval"),
-               "family_onnx_eval": ("untrained_family.onnx", "family_eval")}
+               "family_onnx_eval": ("untrained_family.onnx", "family_eval"),
+               "auto_eval": ("models", "mixed_eval")}
 
 
 def make_data(scratch, num_eval, num_train, seed):
     """The CAPTCHAs and untrained models that every variant reads (speed does not depend on weights)."""
-    from captcha_common import CaptchaFormat, charset_from
+    from captcha_common import BOOK_FORMAT, CaptchaFormat, charset_from
     from captcha_solver import _model_, export, save_breaker, whole_image_model
     from CaptchaGenerator import main_process
 
@@ -161,11 +165,22 @@ def make_data(scratch, num_eval, num_train, seed):
                  outdir_test=f"{scratch}/eval", num_captchas_test=num_eval, seed=seed)
     main_process(outdir_test=f"{scratch}/family_eval", num_captchas_test=num_eval, seed=seed,
                  generator="captcha", charset="alnum_lower", length="4-6")
+    main_process(outdir_test=f"{scratch}/upper_eval", num_captchas_test=num_eval, seed=seed,
+                 generator="captcha", width=170, height=80)
     _model_(36).save(f"{scratch}/untrained.keras")
     whole_image_model().save(f"{scratch}/untrained_whole.keras")
     family = CaptchaFormat(charset_from("alnum_lower"), 4, 6, case_sensitive=True)
     save_breaker(whole_image_model(family), family, f"{scratch}/untrained_family.keras")
     export(f"{scratch}/untrained_family.keras")
+    models, mixed = Path(scratch) / "models", Path(scratch) / "mixed_eval"
+    models.mkdir()
+    mixed.mkdir()
+    readers = (("claptcha", BOOK_FORMAT, (200, 80)), ("upper", BOOK_FORMAT, (170, 80)),
+               ("family", family, (160, 60)))
+    for name, captcha_format, size in readers:
+        save_breaker(whole_image_model(captcha_format), captcha_format, models / f"{name}.keras", [size])
+        for file in Path(scratch, "eval" if name == "claptcha" else f"{name}_eval").iterdir():
+            (mixed / f"{file.stem}_{name}.png").symlink_to(file)
 
 
 def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, data=None, seed=0):
@@ -174,8 +189,9 @@ def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, 
     with tempfile.TemporaryDirectory() as scratch:
         make_data(scratch, num_eval, num_train, seed)
         rows = best_of(__file__, ("book_eval", "ours_eval", "whole_eval", "family_eval",
-                                  "family_onnx_eval", "book_train", "ours_train", "book_data",
-                                  "ours_data"), repeats, "--data", scratch, "--book_eval", book_eval)
+                                  "family_onnx_eval", "auto_eval", "book_train", "ours_train",
+                                  "book_data", "ours_data"), repeats, "--data", scratch,
+                       "--book_eval", book_eval)
 
     def rate(row):
         return row["count"] / row["seconds"]
@@ -188,6 +204,7 @@ def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, 
                            ("whole_eval", f"(c) whole-image: evaluate ({num_eval})"),
                            ("family_eval", f"(d) ImageCaptcha 4-6: evaluate ({num_eval})"),
                            ("family_onnx_eval", f"(d) ... ONNX: evaluate ({num_eval})"),
+                           ("auto_eval", f"(e) automatic: evaluate ({3 * num_eval} mixed)"),
                            ("book_train", "(b) book: disk DataGenerator epoch"),
                            ("ours_train", "(b) ours: in-memory epoch"),
                            ("book_data", "(b) book: an epoch's batches"),
