@@ -387,8 +387,12 @@ def test_generate_captcha_needs_a_matching_checkpoint(trained, tmp_path):
     _, run = trained
     with pytest.raises(CaptchaError, match="no generator checkpoint"):
         generate_captcha(model_dir=tmp_path, outdir=tmp_path / "out")
-    with pytest.raises(CaptchaError, match="does not fit"):
+    with pytest.raises(CaptchaError, match="trained with --gen_input_dim 16, not 100"):
         generate_captcha(gen_input_dim=100, model_dir=run, outdir=tmp_path / "out")
+    without_settings = copy_run(run, tmp_path / "weights_only")  # as a checkpoint of the book's code
+    (without_settings / "state.json").unlink()
+    with pytest.raises(CaptchaError, match="does not fit"):
+        generate_captcha(gen_input_dim=100, model_dir=without_settings, outdir=tmp_path / "out")
 
 
 def test_a_fast_recipe_run_is_rebuilt_with_its_networks(tmp_path, monkeypatch):
