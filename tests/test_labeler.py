@@ -960,7 +960,7 @@ def test_simulate_drives_the_service_and_scores_its_labels(new_db, capsys):
 
 def test_simulate_with_a_reader_counts_its_half_vote(new_db, capsys):
     db = new_db("sqlite")
-    captcha_labeler.simulate(db, voters=120, accuracy=1.0, hidden=0.5, clients=4, workers=1,
+    captcha_labeler.simulate(db, voters=40, accuracy=1.0, hidden=0.5, clients=4, workers=1,
                              reader=WHOLE_IMAGE_MODEL)
     out = capsys.readouterr().out
     assert re.search(r"reader whole_image_cnn.keras reads [78] of the 8 hidden images right", out)
@@ -968,7 +968,7 @@ def test_simulate_with_a_reader_counts_its_half_vote(new_db, capsys):
         r"passed (\d+), votes (\d+); promoted (\d+), right (\d+)", out).groups())
     # two agreeing people and the reading make 2.5 points, 2 of them for the people's answer, right
     # or wrong the reading: two votes an image instead of three
-    assert (passed, promoted, right, votes) == (120, 8, 8, 16)
+    assert (passed, promoted, right, votes) == (40, 8, 8, 16)
     assert "people's votes per promoted label: 2.000 (" in out
 
 
