@@ -424,12 +424,13 @@ def image_files(folder, pattern):
 # ## A machine's reading, as half a vote
 #
 # `init --reader MODEL` reads each unlabelled image once, as reCAPTCHA's OCR read each word. MODEL is
-# a solver model from captcha_solver.py (it carries its CAPTCHA format, and reads an image resized to
-# its input) or the house-number judge from gan_score.py (a digit classifier of 32x32 RGB crops,
-# named "judge"). A reading's confidence is the product, over its characters, of the probability
-# the model gave the character it chose. Before it reads a family, a reader reads the family's
-# labelled images (up to READER_CHECK_IMAGES of them) and must get at least READER_FLOOR of them
-# right: a model made for other CAPTCHAs reads almost none.
+# a solver model from captcha_solver.py, which carries its CAPTCHA format and the sizes of the
+# images it was trained on, and reads images of their shape as predict does; or the house-number
+# judge from gan_score.py, a classifier of 32x32 RGB crops named "judge" (the digits and NO_DIGIT).
+# A reading's confidence is the probability the model gives it: the product, over its characters,
+# of the probability of the character it chose. Before it reads a family, a reader reads the
+# family's labelled images (up to READER_CHECK_IMAGES of them) and must get at least READER_FLOOR
+# of them right: a model made for other CAPTCHAs reads almost none.
 
 READER_CHECK_IMAGES = 500
 READER_FLOOR = 0.5
@@ -476,16 +477,6 @@ def house_number_judge(path):
     return model if fits and gan_score.is_judge(model) else None
 
 
-def decoded_image(data, channels):
-    """Image bytes as uint8, decoded as captcha_common.read_image decodes files: (H, W, 1) or RGB."""
-    import cv2
-    import numpy as np
-
-    image = cv2.imdecode(np.frombuffer(data, np.uint8),
-                         cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
-    return image[..., None] if channels == 1 else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
 def judge_windows(image, source):
     """The 32x32 crops the judge reads in an RGB image, one per digit. A 32x32 image is one digit (an
     SVHN crop or an unconditional GAN sample), never a composed number of two; a wider one, 32 px high,
@@ -502,7 +493,7 @@ def read_images(reader, records):
     """[(answer, confidence)] of the reader for each record's image."""
     if reader.is_judge:
         return judge_readings(reader.model, records)
-    return solver_readings(reader.model, [record.data for record in records])
+    return solver_readings(reader.model, records)
 
 
 def judge_readings(judge, records):
@@ -510,8 +501,9 @@ def judge_readings(judge, records):
     import numpy as np
 
     import gan_score
+    from captcha_solver import decoded
 
-    windows = [judge_windows(decoded_image(record.data, 3), record.source) for record in records]
+    windows = [judge_windows(decoded(record.data, grayscale=False), record.source) for record in records]
     digits, confidences = gan_score.digit_readings(
         judge.predict(np.concatenate(windows), batch_size=256, verbose=0))
     ends = np.cumsum([len(image_windows) for image_windows in windows])[:-1]
@@ -519,25 +511,23 @@ def judge_readings(judge, records):
             for image_digits, image_confidences in zip(np.split(digits, ends), np.split(confidences, ends))]
 
 
-def solver_readings(breaker, images):
-    """What a captcha_solver Breaker reads in image bytes, with its confidence."""
-    import cv2
+def solver_readings(breaker, records):
+    """What a captcha_solver Breaker reads in each record's image and its confidence, as predict
+    reads them; an image of a shape the model was not made for stops with one line."""
     import numpy as np
 
-    from captcha_solver import arch_view, decode, scale
+    from captcha_solver import ASPECT_TOLERANCE, prepared, read_with_confidences
 
-    captcha_format = breaker.captcha_format
-    size = (captcha_format.width, captcha_format.height)
-    images = np.stack([cv2.resize(decoded_image(data, captcha_format.channels), size)
-                       .reshape(captcha_format.dim) for data in images])
-    inputs, _ = arch_view(breaker.arch, images)
-    probabilities = breaker.model.predict(scale(inputs), batch_size=256, verbose=0).reshape(
-        len(images), captcha_format.max_length, -1)
-    chosen = probabilities.max(axis=-1)
-    if captcha_format.variable_length:  # decode never ends a text within the shortest length
-        shortest = captcha_format.min_length
-        chosen[:, :shortest] = probabilities[:, :shortest, :-1].max(axis=-1)
-    return list(zip(decode(probabilities, captcha_format), chosen.prod(axis=1).tolist()))
+    dim = breaker.captcha_format.dim
+    inputs, sizes = prepared([record.data for record in records], [dim])
+    misfits = np.flatnonzero(~breaker.takes(sizes))
+    if len(misfits):
+        (width, height), aspects = sizes[misfits[0]], ", ".join(f"{a:.2f}" for a in breaker.aspects)
+        raise CaptchaError(f"--reader {breaker.name} can't read {records[misfits[0]].source}: it is made "
+                           f"for images {aspects} times as wide as high (within {ASPECT_TOLERANCE:.0%}), "
+                           f"not {width}x{height}")
+    texts, confidences = read_with_confidences(breaker, inputs[dim])
+    return list(zip(texts, confidences.tolist()))
 
 
 def with_readings(database, reader, records, case_sensitive):

@@ -301,6 +301,8 @@ def house_numbers(tmp_path_factory):
                                                        for i, n in enumerate(["472", "906", "318"])})
     truth |= write_images(root / "orphans", {f"captcha_{i}.png": (house_number(n, rng), n)
                                              for i, n in enumerate(["12345", "67890"])})
+    truth |= write_images(root / "long_numbers", {f"{n}.png": (house_number(n, rng), n)
+                                                  for n in ["24680", "13579", "11235"]})
     return root, truth
 
 
@@ -883,8 +885,11 @@ def test_a_reader_that_cannot_read_the_pool_is_refused_and_imports_nothing(
          "is neither a solver model nor the house-number judge"),
         (judge_file, {"unlabelled": images[0] / "unlabelled"},
          "the house-number judge can't read captcha_0.png: a 200x80 image is not a house number"),
-        (WHOLE_IMAGE_MODEL, {"labelled": root / "numbers", "unlabelled": root / "numbers_unlabelled"},
-         "reads 0 of 6 labelled images of family 64x32 right, under 50%: it is a reader of other images"),
+        (WHOLE_IMAGE_MODEL, {"unlabelled": root / "numbers_unlabelled"},
+         "whole_image_cnn.keras can't read captcha_0.png: it is made for images 2.50 times as wide as "
+         "high \\(within 5%\\), not 64x32"),
+        (WHOLE_IMAGE_MODEL, {"labelled": root / "long_numbers", "unlabelled": root / "orphans"},  # 80x32
+         "reads 0 of 3 labelled images of family 80x32 right, under 50%: it is a reader of other images"),
         (judge_file, {"labelled": root / "numbers"}, "give --unlabelled"),
     ]:
         with pytest.raises(CaptchaError, match=error):
