@@ -57,6 +57,15 @@ def checked_whole_number(name, value, minimum=0):
     return value
 
 
+def checked_number(name, value, low, high, high_included=True):
+    """value, a real number from low to high, or a one-line error naming the --option."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value
+            or not (value <= high if high_included else value < high)):
+        raise CaptchaError(f"--{name} must be a number within [{low}, {high}{']' if high_included else ')'}, "
+                           f"got {value!r}")
+    return value
+
+
 # ## CAPTCHA formats
 #
 # A format is what a family of CAPTCHAs is made of: its alphabet, its case rule, its lengths and the

@@ -32,12 +32,17 @@ from keras import layers, ops  # noqa: E402
 
 import gan_score  # noqa: E402
 from captcha_common import (  # noqa: E402
+    HOUSE_NUMBER_PITCH,
+    HOUSE_NUMBER_SIZE,
     CaptchaError,
     atomic_path,
+    checked_number,
     checked_whole_number,
+    digit_windows,
     ensure_dir,
     find_font,
     is_image_file,
+    lengths_from,
     progress_verbosity,
     read_image,
     run_cli,
@@ -51,6 +56,8 @@ SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 SYNTHETIC_FILE = "synthetic_svhn_train_32x32.mat"
 IMAGE_SHAPE = (32, 32, 3)
+DIGITS = 10  # a conditional generator's classes: the digits 0-9, SVHN's label % 10
+DIGIT_EMBEDDING = 16
 SHIPPED_GENERATOR = Path(__file__).resolve().parent / "models" / "gan_synthetic_svhn"
 
 # ## Data
@@ -250,7 +257,9 @@ def upsampling_layer(filters, kernel, resize):
     return [layers.Conv2DTranspose(filters, kernel_size=kernel, strides=2, padding="same")]
 
 
-def generator(input_dim, alpha=0.2, arch="book"):
+def generator(input_dim, alpha=0.2, arch="book", name="generator", conditional=False):
+    """The book's G maps noise to an image; a conditional one, noise and a digit 0-9 to an image
+    of that digit, the digit's learnt embedding joining the noise."""
     settings = checked_arch(arch)
     upsampling = []
     for filters in (*settings["gen_widths"][1:], None):
@@ -258,18 +267,49 @@ def generator(input_dim, alpha=0.2, arch="book"):
         upsampling += ([layers.BatchNormalization(), layers.LeakyReLU(alpha)] if filters
                        else [layers.Activation("tanh")])
     widths = settings["gen_widths"]
-    return keras.Sequential([
-        keras.Input((input_dim,)),
+    body = [
         layers.Dense(4 * 4 * widths[0]),
         layers.Reshape(target_shape=(4, 4, widths[0])),  # 4x4, then 8x8, 16x16 and 32x32x3
         layers.BatchNormalization(),
         layers.LeakyReLU(alpha),
         *upsampling,
-    ], name="generator")
+    ]
+    if not conditional:
+        return keras.Sequential([keras.Input((input_dim,)), *body], name=name)
+    noise, digit = keras.Input((input_dim,), name="noise"), keras.Input((), dtype="int32", name="digit")
+    x = layers.Concatenate()([noise, layers.Embedding(DIGITS, DIGIT_EMBEDDING)(digit)])
+    for layer in body:
+        x = layer(x)
+    return keras.Model([noise, digit], x, name=name)
 
 
-def discriminator(img_dim, alpha=0.2, arch="book"):
-    """The book's D ends in a probability; SNGAN's in a raw score, for the hinge loss."""
+CONDITIONAL_DESIGNS = ("projection", "acgan")  # the first is what --conditional True means
+
+
+def checked_conditional(conditional):
+    """--conditional as None (unconditional) or one of CONDITIONAL_DESIGNS."""
+    if conditional in (False, None):
+        return None
+    design = CONDITIONAL_DESIGNS[0] if conditional is True else conditional
+    if design not in CONDITIONAL_DESIGNS:
+        raise CaptchaError(f"--conditional must be True, False or one of {', '.join(CONDITIONAL_DESIGNS)}, "
+                           f"got {conditional!r}")
+    return design
+
+
+def is_conditional(network):
+    return len(network.inputs) == 2
+
+
+def latent_dim(g):
+    return g.inputs[0].shape[-1]
+
+
+def discriminator(img_dim, alpha=0.2, arch="book", conditional=None):
+    """The book's D ends in a probability; SNGAN's in a raw score, for the hinge loss. A conditional
+    D is SNGAN's and either "projection" (Miyato & Koyama 2018): the score of an image and a digit
+    adds the inner product of the image's features with the digit's learnt embedding; or "acgan"
+    (Odena et al. 2017): D sees the image alone, and beside its score classifies the digit."""
     settings = checked_arch(arch)
     sngan = settings["sngan"]
     normalised = layers.SpectralNormalization if sngan else (lambda layer: layer)
@@ -279,14 +319,30 @@ def discriminator(img_dim, alpha=0.2, arch="book"):
                                                      padding="same")))
         downsampling += [layers.BatchNormalization()] if i and not sngan else []
         downsampling.append(layers.LeakyReLU(alpha))
-    return keras.Sequential([
-        keras.Input(tuple(img_dim)),
-        *downsampling,
-        *([BatchDeviation()] if sngan else []),
-        layers.Flatten(),
-        normalised(layers.Dense(1)),
-        *([] if sngan else [layers.Activation("sigmoid")]),
-    ], name="discriminator")
+    features = [*downsampling, *([BatchDeviation()] if sngan else []), layers.Flatten()]
+    if not conditional:
+        return keras.Sequential([
+            keras.Input(tuple(img_dim)),
+            *features,
+            normalised(layers.Dense(1)),
+            *([] if sngan else [layers.Activation("sigmoid")]),
+        ], name="discriminator")
+    if not sngan:
+        raise CaptchaError("--conditional needs a discriminator of raw scores: --arch sn or --recipe fast")
+    image = keras.Input(tuple(img_dim), name="image")
+    x = image
+    for layer in features:
+        x = layer(x)
+    if conditional == "acgan":  # N x 11: the score, then the digit's ten logits
+        score = layers.Concatenate()([normalised(layers.Dense(1))(x), layers.Dense(DIGITS)(x)])
+        return keras.Model(image, score, name="discriminator")
+    digit = keras.Input((), dtype="int32", name="digit")
+    one_hot = layers.CategoryEncoding(DIGITS, output_mode="one_hot")(digit)
+    # A bias-free Dense of one-hot digits is the embedding: SpectralNormalization of an Embedding
+    # layer passes it no gradient (Keras 3.15).
+    embedded = normalised(layers.Dense(x.shape[-1], use_bias=False))(one_hot)
+    score = layers.Add()([normalised(layers.Dense(1))(x), layers.Dot(axes=1)([x, embedded])])
+    return keras.Model([image, digit], score, name="discriminator")
 
 
 # ## Training
@@ -362,15 +418,26 @@ class BothOptimizers:
 
 
 class DCGAN(keras.Model):
-    def __init__(self, generator, discriminator, smooth_coef=0.1, seed=None, hinge=False):
+    def __init__(self, generator, discriminator, smooth_coef=0.1, seed=None, hinge=False,
+                 average_generator=None, average_decay=0.999):
         """hinge: SNGAN's hinge loss on D's raw scores, instead of the book's cross-entropy on its
-        probabilities (and its smoothing)."""
+        probabilities (and its smoothing). average_generator: a generator of the same networks that
+        follows G's weights as an exponential moving average (decay average_decay per step); it
+        draws the samples, the scores and the shipped files."""
         super().__init__()
         self.generator = generator
         self.discriminator = discriminator
+        self.average_generator = average_generator
+        self.average_decay = average_decay
+        if average_generator is not None:
+            average_generator.trainable = False
+            average_generator.set_weights(generator.get_weights())
         self.smooth_coef = smooth_coef
         self.hinge = hinge
-        self.latent_dim = generator.input_shape[-1]
+        self.latent_dim = latent_dim(generator)
+        self.conditional = is_conditional(generator)
+        self.projection = is_conditional(discriminator)
+        self.auxiliary = discriminator.output_shape[-1] > 1  # ACGAN's D also classifies digits
         self.networks = {}  # the settings that rebuild both networks, saved with each checkpoint
         self.noise_seed = keras.random.SeedGenerator(seed)
         self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
@@ -392,50 +459,82 @@ class DCGAN(keras.Model):
     def call(self, noise, training=False):
         return self.generator(noise, training=training)
 
-    def discriminator_loss(self, d_weights, d_state, real_images, fake_images):
-        """D's loss on a real batch and a fake batch, and D's state (BatchNorm statistics, spectral
-        norms' vectors) after both."""
-        d_real, d_state = self.discriminator.stateless_call(d_weights, d_state, real_images, training=True)
-        d_fake, d_state = self.discriminator.stateless_call(d_weights, d_state, fake_images, training=True)
-        if self.hinge:
-            return ops.mean(ops.relu(1.0 - d_real)) + ops.mean(ops.relu(1.0 + d_fake)), d_state
+    @property
+    def sampler(self):
+        """The generator that draws what people see: the averaged one, if there is one."""
+        return self.average_generator or self.generator
+
+    def update_average(self):
+        """average <- decay * average + (1 - decay) * G, for weights and BatchNorm statistics alike,
+        with a shorter memory over the first steps so the average soon leaves G's initial weights."""
+        steps = ops.cast(self.g_optimizer.iterations, "float32")
+        decay = ops.minimum(self.average_decay, (1.0 + steps) / (10.0 + steps))
+        for average, current in zip(self.average_generator.weights, self.generator.weights):
+            average.assign(decay * average + (1.0 - decay) * current)
+
+    def with_digits(self, x, digits):
+        """G's input: noise alone, or noise and the digits for a conditional G."""
+        return [x, digits] if self.conditional else x
+
+    def judged(self, d_weights, d_state, images, digits):
+        """D's scores of images (with their digits, for a projection D), ACGAN's loss of reading
+        their digits (0 for other networks), and D's state after."""
+        d_input = [images, digits] if self.projection else images
+        output, d_state = self.discriminator.stateless_call(d_weights, d_state, d_input, training=True)
+        if not self.auxiliary:
+            return output, 0.0, d_state
+        digit_loss = keras.losses.sparse_categorical_crossentropy(digits, output[:, 1:], from_logits=True)
+        return output[:, :1], ops.mean(digit_loss), d_state
+
+    def discriminator_loss(self, d_weights, d_state, real_images, fake_images, digits=None):
+        """D's loss on a real batch and a fake batch (of the same digits, for conditional networks),
+        and D's state (BatchNorm statistics, spectral norms' vectors) after both."""
+        d_real, digit_loss, d_state = self.judged(d_weights, d_state, real_images, digits)
+        d_fake, _, d_state = self.judged(d_weights, d_state, fake_images, digits)
+        if self.hinge:  # ACGAN's D learns digits from real images only
+            return (ops.mean(ops.relu(1.0 - d_real)) + ops.mean(ops.relu(1.0 + d_fake)) + digit_loss,
+                    d_state)
         real_target = ops.full_like(d_real, 1.0 - self.smooth_coef)  # the book's one-sided smoothing
         return bce(real_target, d_real) + bce(ops.zeros_like(d_fake), d_fake), d_state
 
-    def discriminator_step(self, real_images, fake_images):
+    def discriminator_step(self, real_images, fake_images, digits=None):
         """One update of D's weights from a real batch and a fake batch; G is not touched."""
         d = self.discriminator
         (d_loss, d_state), gradients = value_and_grad(self.discriminator_loss)(
-            values(d.trainable_variables), values(d.non_trainable_variables), real_images, fake_images)
+            values(d.trainable_variables), values(d.non_trainable_variables), real_images, fake_images,
+            digits)
         assign(d.non_trainable_variables, d_state)
         self.d_optimizer.apply(gradients, d.trainable_variables)
         return d_loss
 
-    def generator_loss(self, fake_images):
+    def generator_loss(self, fake_images, digits=None):
         """How far D is from calling the fakes real, with D's state read but never written."""
-        d_fake, _ = self.discriminator.stateless_call(
-            values(self.discriminator.trainable_variables),
-            values(self.discriminator.non_trainable_variables), fake_images, training=True)
+        d_fake, digit_loss, _ = self.judged(values(self.discriminator.trainable_variables),
+                                            values(self.discriminator.non_trainable_variables),
+                                            fake_images, digits)
         if self.hinge:
-            return -ops.mean(d_fake), None
+            return -ops.mean(d_fake) + digit_loss, None
         return bce(ops.ones_like(d_fake), d_fake), None
 
     def draw_noise(self, batch_size):
         return keras.random.normal((batch_size, self.latent_dim), seed=self.noise_seed)
 
-    def step(self, real_images):
-        """One training step on a batch of uint8 images, updating the variables in place."""
+    def step(self, real_images, digits=None):
+        """One training step on a batch of uint8 images, updating the variables in place. A
+        conditional G draws fakes of the real batch's digits (0-9)."""
         g = self.generator
         real_images = scale_images(real_images)
-        noise = self.draw_noise(ops.shape(real_images)[0])
+        noise = self.with_digits(self.draw_noise(ops.shape(real_images)[0]), digits)
         g_state = values(g.non_trainable_variables)
         fake_images, g_state, generator_backward = forward_for_backward(
             lambda weights: g.stateless_call(weights, g_state, noise, training=True),
             values(g.trainable_variables))
         assign(g.non_trainable_variables, g_state)
-        d_loss = self.discriminator_step(real_images, ops.stop_gradient(fake_images))
-        (g_loss, _), fake_gradient = value_and_grad(self.generator_loss)(fake_images)
+        d_loss = self.discriminator_step(real_images, ops.stop_gradient(fake_images), digits)
+        (g_loss, _), fake_gradient = value_and_grad(self.generator_loss)(fake_images, digits)
         self.g_optimizer.apply(generator_backward(fake_gradient), g.trainable_variables)
+        if self.average_generator is not None:
+            self.update_average()
         self.d_loss_tracker.update_state(d_loss)
         self.g_loss_tracker.update_state(g_loss)
         return {m.name: m.result() for m in self.metrics}
@@ -449,11 +548,11 @@ class DCGAN(keras.Model):
             mapping = [pair for group, group_values in zip(groups, state)
                        for pair in zip(group, group_values)]
             with keras.StatelessScope(state_mapping=mapping) as scope:
-                logs = self.step(keras.utils.unpack_x_y_sample_weight(data)[0])
+                logs = self.step(*keras.utils.unpack_x_y_sample_weight(data)[:2])
             return logs, tuple([scope.get_current_value(v) for v in group] for group in groups)
     else:
         def train_step(self, data):
-            return self.step(keras.utils.unpack_x_y_sample_weight(data)[0])
+            return self.step(*keras.utils.unpack_x_y_sample_weight(data)[:2])
 
 
 def values(variables):
@@ -465,20 +564,23 @@ def assign(variables, new_values):
         variable.assign(value)
 
 
-def save_sample_grid(images, path, title=None):
-    """Images in [-1, 1] as one PNG grid: the book's figures 10.7 and 10.8."""
-    images = to_uint8(images)
-    columns = math.ceil(math.sqrt(len(images)))
+def save_sample_grid(images, path, title=None, columns=None, labels=None):
+    """Images in [-1, 1] as one PNG grid: the book's figures 10.7 and 10.8; labels under them."""
+    images = [to_uint8(image) for image in images]
+    columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    figure, axes = subplots(rows, columns, figsize=(columns * 0.8, rows * 0.8 + 0.4),
-                                squeeze=False)
+    aspect = max(image.shape[1] / image.shape[0] for image in images)
+    figure, axes = subplots(rows, columns, figsize=(columns * 0.8 * aspect, rows * 0.8 + 0.4),
+                            squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, image in zip(axes.flat, images):
+    for axis, image, label in zip(axes.flat, images, labels or [None] * len(images)):
         axis.imshow(image)
+        if label is not None:
+            axis.set_title(label, fontsize=7, pad=1)
     if title:
         figure.suptitle(title)
-    figure.tight_layout(pad=0.2)
+    figure.tight_layout(pad=0.2, rect=(0, 0, 1, 1 - 0.3 / (rows * 0.8 + 0.4) if title else 1))
     save_figure(figure, path)
 
 
@@ -545,8 +647,7 @@ class Checkpoint(keras.callbacks.Callback):
 
     def score(self, epoch, earlier):
         """This epoch's scores; a new lowest FCD also saves the checkpoint to outdir/best."""
-        images = sample_images(self.model.generator, self.scorer.num_images, self.seed)
-        scores, _ = self.scorer.score(to_uint8(images))
+        scores, _ = score_generator(self.model.sampler, self.scorer, self.seed)
         row = gan_score.history_row(scores)
         best_so_far = earlier["fcd"].min() if earlier is not None and "fcd" in earlier else np.nan
         print(f"\nepoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
@@ -555,12 +656,16 @@ class Checkpoint(keras.callbacks.Callback):
         return row
 
     def save_samples(self, name):
-        images = self.model.generator(self.fixed_noise, training=False)
+        images = self.model.sampler(self.model.with_digits(self.fixed_noise, FIXED_DIGITS), training=False)
         save_sample_grid(images, self.outdir / name, title=name[:-4].replace("_", " "))
 
 
+def checkpointed_networks(gan):
+    return [gan.generator, gan.discriminator, *([gan.average_generator] if gan.average_generator else [])]
+
+
 def save_checkpoint(gan, outdir, epochs_done, **state):
-    for network in (gan.generator, gan.discriminator):
+    for network in checkpointed_networks(gan):
         with atomic_path(outdir / f"{network.name}.weights.h5") as temporary:
             network.save_weights(temporary)
     with atomic_path(outdir / "optimizers.npz") as temporary:
@@ -586,6 +691,10 @@ def load_checkpoint(gan, outdir):
         for network in (gan.generator, gan.discriminator):
             path = outdir / f"{network.name}.weights.h5"
             network.load_weights(path)
+        if gan.average_generator is not None:
+            path = outdir / f"{gan.average_generator.name}.weights.h5"
+            source = path if path.is_file() else outdir / "generator.weights.h5"  # no average yet
+            gan.average_generator.load_weights(source)
         path = outdir / "optimizers.npz"
         state = np.load(path)
         for key, variable in _optimizer_state(gan).items():
@@ -615,7 +724,7 @@ def use_xla():
 
 RECIPES = ("book", "fast")
 FAST_RECIPE = {"arch": "sn", "batch_size": 64, "gen_lr": 2e-4, "dis_lr": 2e-4, "gen_beta1": 0.5,
-               "dis_beta1": 0.5, "smooth_coef": 0.1, "steps": 7500}
+               "dis_beta1": 0.5, "smooth_coef": 0.1, "average_decay": 0.999, "steps": 7500}
 
 
 def recipe_settings(recipe, steps_per_epoch, **given):
@@ -642,16 +751,21 @@ def _checked_settings(batch_size, epochs, dis_input_dim, arch):
 
 
 def build_gan(arch, gen_input_dim, alpha, dis_input_dim, smooth_coef, gen_lr, gen_beta1, dis_lr,
-              dis_beta1, seed=None):
-    """The DCGAN to train, compiled with its two optimizers."""
+              dis_beta1, average_decay=0, conditional=False, seed=None):
+    """The DCGAN to train, compiled with its two optimizers; with average_decay > 0, also a
+    weight-averaged copy of G."""
+    checked_number("average_decay", average_decay, 0, 1, high_included=False)
     sngan = checked_arch(arch)["sngan"]
     if sngan and BACKEND == "tensorflow":
         # Grappler's remapper fails to fuse the spectral norm's convolution with its LeakyReLU
         # gradient and logs it as an error (TensorFlow 2.21); it then runs the graph unfused anyway.
         tf.config.optimizer.set_experimental_options({"remapping": False})
-    gan = DCGAN(generator(gen_input_dim, alpha, arch), discriminator(dis_input_dim, alpha, arch),
-                smooth_coef, seed, hinge=sngan)
-    gan.networks = {"arch": arch, "gen_input_dim": gen_input_dim, "alpha": alpha}
+    d = discriminator(dis_input_dim, alpha, arch, conditional)
+    average = (generator(gen_input_dim, alpha, arch, "average_generator", bool(conditional)) if average_decay
+               else None)
+    gan = DCGAN(generator(gen_input_dim, alpha, arch, conditional=bool(conditional)), d, smooth_coef, seed,
+                hinge=sngan, average_generator=average, average_decay=average_decay)
+    gan.networks = {"arch": arch, "gen_input_dim": gen_input_dim, "alpha": alpha, "conditional": conditional}
     gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=dis_lr, beta_1=dis_beta1),
                 g_optimizer=keras.optimizers.Adam(learning_rate=gen_lr, beta_1=gen_beta1),
                 jit_compile=use_xla())
@@ -662,23 +776,33 @@ def train(dest_train, outdir, dir_flag=False, batch_size=100, gen_input_dim=100,
           gen_lr=0.0001, dis_input_dim=IMAGE_SHAPE, dis_lr=0.001, dis_beta1=0.5, alpha=0.2,
           epochs=100, smooth_coef=0.1, sample_every=0, resume=False, seed=None,
           score_every=0, dest_test=None, score_images=10000, distribute=False, recipe="book",
-          arch="book", judge=None):
+          arch="book", judge=None, average_decay=0, conditional=False):
     """Train the DCGAN; checkpoints, sample grids and loss curves go to outdir every epoch, and
     with score_every=K the scores of `score` every K epochs, keeping the best in outdir/best.
-    --recipe fast replaces arch, batch size, learning rates, betas, smoothing and epochs with the
-    fastest recipe found on a CPU (FAST_RECIPE); --arch sn alone changes only the networks.
+    --recipe fast replaces arch, batch size, learning rates, betas, smoothing, averaging and epochs
+    with the fastest recipe found on a CPU (FAST_RECIPE); --arch sn alone changes only the networks.
+    --average_decay 0.999 also keeps an exponential moving average of G's weights, which then
+    draws the samples and scores and is what generate-captcha loads (Yazici et al. 2019).
+    --conditional True trains G to draw the digit it is asked for and D to judge image and digit
+    together (a projection discriminator; --conditional acgan: D also classifies the digit); it
+    needs labels, and --arch sn or --recipe fast.
     With distribute=True, data-parallel over every visible device (GPUs, else CPUs): each step's
     batch_size images are one global batch split evenly across the devices (batch_size must
     divide evenly), gradients are those of the whole batch, and so gen_lr and dis_lr mean what
     they mean on one device; scale them yourself if you scale batch_size."""
     checked_whole_number("score_every", score_every)
-    if score_every and dir_flag:
-        raise CaptchaError("--score_every needs labelled digits: a .mat file, not a folder (--dir_flag)")
-    images, labels = read_mat(dest_train) if score_every else (read_data(dest_train, dir_flag), None)
+    conditional = checked_conditional(conditional)
+    for option, given in (("--score_every", score_every), ("--conditional", conditional)):
+        if given and dir_flag:
+            raise CaptchaError(f"{option} needs labelled digits: a .mat file, not a folder (--dir_flag)")
+    labelled = score_every or conditional
+    images, labels = read_mat(dest_train) if labelled else (read_data(dest_train, dir_flag), None)
+    if conditional and labels is None:
+        raise CaptchaError(f"--conditional needs labelled digits: {dest_train} has no labels (y)")
     settings = recipe_settings(recipe, lambda size: math.ceil(len(images) / size), arch=arch,
                                batch_size=batch_size, gen_lr=gen_lr, dis_lr=dis_lr,
                                gen_beta1=gen_beta1, dis_beta1=dis_beta1, smooth_coef=smooth_coef,
-                               epochs=epochs)
+                               average_decay=average_decay, epochs=epochs)
     batch_size, epochs = settings.pop("batch_size"), settings.pop("epochs")
     _checked_settings(batch_size, epochs, dis_input_dim, settings["arch"])
     if images.shape[1:] != IMAGE_SHAPE:
@@ -690,18 +814,22 @@ def train(dest_train, outdir, dir_flag=False, batch_size=100, gen_input_dim=100,
         keras.utils.set_random_seed(seed)
     with training_devices(distribute, batch_size):
         gan = build_gan(gen_input_dim=gen_input_dim, alpha=alpha, dis_input_dim=dis_input_dim,
-                        seed=seed, **settings)
+                        conditional=conditional, seed=seed, **settings)
         epochs_done = load_checkpoint(gan, outdir) if resume else 0
         fixed_noise = _fixed_noise(outdir, gen_input_dim, seed)
         checkpoint = Checkpoint(outdir, fixed_noise, sample_every, scorer, score_every, seed)
         print(f"{len(images)} training images, {math.ceil(len(images) / batch_size)} steps per epoch, "
               f"epochs {epochs_done + 1}-{epochs}" + (f", {recipe} recipe" if recipe != "book" else ""))
-        gan.fit(images, batch_size=batch_size, epochs=epochs, initial_epoch=epochs_done, shuffle=True,
-                callbacks=[checkpoint], verbose=progress_verbosity())
+        digits = gan_score.digits_of(labels).astype("int32") if conditional else None
+        gan.fit(images, digits, batch_size=batch_size, epochs=epochs, initial_epoch=epochs_done,
+                shuffle=True, callbacks=[checkpoint], verbose=progress_verbosity())
     if checkpoint.failed:
         raise CaptchaError(f"{checkpoint.failed}; stopped, and kept the checkpoint of the last good "
                            f"epoch in {outdir}")
     print(f"Generator and discriminator written to {outdir}")
+
+
+FIXED_DIGITS = np.arange(64, dtype="int32") % DIGITS  # a conditional G's sample grid: 0-9 in turn
 
 
 def _fixed_noise(outdir, gen_input_dim, seed):
@@ -722,9 +850,12 @@ def _fixed_noise(outdir, gen_input_dim, seed):
 
 def load_generator(model_dir, gen_input_dim=100, alpha=0.2):
     """The generator of a checkpoint folder, built as its state.json says (the book's networks for
-    a checkpoint without one). A file of other settings or shapes is one line naming it."""
+    a checkpoint without one): its weight-averaged generator where it has one. A file of other
+    settings or shapes is one line naming it."""
     model_dir = Path(str(model_dir))
-    weights = model_dir / "generator.weights.h5"
+    weights = model_dir / "average_generator.weights.h5"
+    if not weights.is_file():
+        weights = model_dir / "generator.weights.h5"
     if not weights.is_file():
         raise CaptchaError(f"no generator checkpoint at {weights}: train first")
     state_file = model_dir / "state.json"
@@ -732,7 +863,8 @@ def load_generator(model_dir, gen_input_dim=100, alpha=0.2):
     for name, given in (("gen_input_dim", gen_input_dim), ("alpha", alpha)):
         if networks.get(name, given) != given:
             raise CaptchaError(f"{weights} was trained with --{name} {networks[name]}, not {given}")
-    g = generator(gen_input_dim, alpha, networks.get("arch", "book"))
+    g = generator(gen_input_dim, alpha, networks.get("arch", "book"),
+                  conditional=bool(networks.get("conditional")))
     try:
         g.load_weights(weights)
     except Exception as error:  # Keras raises several kinds for a mismatched file
@@ -741,25 +873,105 @@ def load_generator(model_dir, gen_input_dim=100, alpha=0.2):
     return g
 
 
-def sample_images(g, num_images, seed=None):
-    """num_images generated images in [-1, 1]; the same seed draws the same noise."""
-    noise = np.random.default_rng(seed).normal(size=(num_images, g.input_shape[-1])).astype("float32")
-    return g.predict(noise, batch_size=256, verbose=0)
+def sample_images(g, num_images, seed=None, digits=None):
+    """num_images generated images in [-1, 1]; the same seed draws the same noise. A conditional G
+    draws the digits given, else digits drawn evenly from 0-9."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=(num_images, latent_dim(g))).astype("float32")
+    if not is_conditional(g):
+        return g.predict(noise, batch_size=256, verbose=0)
+    digits = rng.integers(0, DIGITS, num_images) if digits is None else digits
+    return g.predict([noise, np.asarray(digits, "int32")], batch_size=256, verbose=0)
 
 
 def generate_captcha(gen_input_dim=100, alpha=0.2, num_images=200, model_dir=None,
-                     outdir="runs/gan/captcha_for_use", seed=None):
+                     outdir="runs/gan/captcha_for_use", seed=None, conditional=False, length=None,
+                     text=None):
     """Sample num_images CAPTCHAs from a trained generator (model_dir/best: the best-scored one;
     without model_dir, the shipped one, trained on the SYNTHETIC set): captcha_<i>.png and one
-    contact sheet."""
+    contact sheet. With --conditional True (or --length or --text) and a conditional generator,
+    each is a house number of --length digits (4 by default, or a range such as 4-6) or of --text,
+    written as LABEL.png, its answer, for captcha_solver.py and the labeller's --labelled; the
+    contact sheet goes beside the folder, as OUTDIR_contact_sheet.png."""
     model_dir = SHIPPED_GENERATOR if model_dir is None else model_dir
-    images = sample_images(load_generator(model_dir, gen_input_dim, alpha), num_images, seed)
+    g = load_generator(model_dir, gen_input_dim, alpha)
+    if conditional or length is not None or text is not None:
+        return write_house_numbers(g, model_dir, num_images, outdir, seed, length, text)
+    images = sample_images(g, num_images, seed)
     outdir = ensure_dir(outdir)
     for i, image in enumerate(to_uint8(images)):
         with atomic_path(outdir / f"captcha_{i}.png") as temporary:
             Image.fromarray(image).save(temporary, format="PNG")
     save_sample_grid(images, outdir / "contact_sheet.png", title=f"{num_images} generated CAPTCHAs")
     print(f"{num_images} CAPTCHAs written to {outdir}")
+
+
+# ## House numbers of several digits, with their answers
+#
+# A conditional G draws the digit it is asked for, in a style its noise sets: background, ink,
+# font, slant. So one noise vector drawn for each digit of a number gives digits of one style, and
+# each sample's centre HOUSE_NUMBER_PITCH columns, where its digit stands, set side by side make
+# the number, 32 px high: the layout captcha_common.digit_windows reads back. Neighbouring strips
+# overlap by BLEND columns and fade into each other, so no seam shows where two samples meet.
+
+MAX_HOUSE_DIGITS = 10
+BLEND = 4
+
+
+def house_number_texts(rng, num_images, length=None, text=None):
+    """The answers to draw: --text num_images times, or random digits of --length digits each."""
+    if text is not None:
+        text = str(text)
+        if not (text.isascii() and text.isdigit()) or len(text) > MAX_HOUSE_DIGITS:
+            raise CaptchaError(f"--text must be 1-{MAX_HOUSE_DIGITS} digits 0-9, got {text!r}")
+        return [text] * num_images
+    shortest, longest = lengths_from(4 if length is None else length)
+    if longest > MAX_HOUSE_DIGITS:
+        raise CaptchaError(f"--length: house numbers of 1-{MAX_HOUSE_DIGITS} digits can be composed, "
+                           f"got {length!r}")
+    return ["".join(str(d) for d in rng.integers(0, DIGITS, n))
+            for n in rng.integers(shortest, longest + 1, num_images)]
+
+
+def compose_house_numbers(g, texts, rng):
+    """Each text as one house number in [-1, 1], 32 px high and HOUSE_NUMBER_PITCH px a digit."""
+    noise = rng.normal(size=(len(texts), latent_dim(g))).astype("float32")
+    sizes = [len(text) for text in texts]
+    digits = np.array([int(c) for text in texts for c in text], "int32")
+    samples = g.predict([np.repeat(noise, sizes, axis=0), digits], batch_size=256, verbose=0)
+    ends = np.cumsum(sizes)
+    return [blended_strips(samples[end - size:end]) for size, end in zip(sizes, ends)]
+
+
+def blended_strips(samples):
+    """L x 32 x 32 x 3 samples as one 32 x 16L x 3 number: each sample's centre strip, widened by
+    BLEND / 2 columns a side, faded linearly into its neighbours' over those BLEND columns."""
+    pitch, half = HOUSE_NUMBER_PITCH, BLEND // 2
+    start = (HOUSE_NUMBER_SIZE - pitch) // 2 - half
+    ramp = np.arange(1, BLEND + 1) / (BLEND + 1)
+    weight = np.concatenate([ramp, np.ones(pitch - BLEND), ramp[::-1]])[None, :, None]  # 16 + BLEND
+    canvas = np.zeros((HOUSE_NUMBER_SIZE, pitch * len(samples) + BLEND, 3))
+    total = np.zeros_like(canvas)
+    for i, sample in enumerate(samples):
+        canvas[:, i * pitch:i * pitch + pitch + BLEND] += weight * sample[:, start:start + pitch + BLEND]
+        total[:, i * pitch:i * pitch + pitch + BLEND] += weight
+    return (canvas / total)[:, half:-half]
+
+
+def write_house_numbers(g, model_dir, num_images, outdir, seed=None, length=None, text=None):
+    if not is_conditional(g):
+        raise CaptchaError(f"{model_dir} holds an unconditional generator: house numbers with answers "
+                           "need one trained with --conditional True")
+    checked_whole_number("num_images", num_images, 1)
+    rng = np.random.default_rng(seed)
+    texts = house_number_texts(rng, num_images, length, text)
+    images = compose_house_numbers(g, texts, rng)
+    outdir = ensure_dir(outdir)
+    for image, answer in zip(tqdm(images, desc="house numbers", disable=None), texts):
+        save_labelled_png(Image.fromarray(to_uint8(image)), outdir, answer)
+    sheet = outdir.with_name(f"{outdir.name}_contact_sheet.png")  # beside: the folder holds CAPTCHAs only
+    save_sample_grid(images[:48], sheet, title="generated house numbers", columns=4, labels=texts[:48])
+    print(f"{num_images} house numbers written to {outdir} as LABEL.png; the first 48 in {sheet}")
 
 
 # ## Scoring the generator
@@ -807,15 +1019,42 @@ def build_scorer(dest_train, training_images, training_labels, dest_test=None, n
     return scorer
 
 
+def score_generator(g, scorer, seed):
+    """scorer's figures for N samples of g; a conditional G is asked for digits in the proportions
+    of the training labels, and scored on how often the judge reads the digit asked for."""
+    if not is_conditional(g):
+        return scorer.score(to_uint8(sample_images(g, scorer.num_images, seed)))
+    asked = np.random.default_rng([seed or 0, 1]).choice(DIGITS, scorer.num_images, p=scorer.prior)
+    return scorer.score(to_uint8(sample_images(g, scorer.num_images, seed, asked)), asked)
+
+
+HOUSE_NUMBERS_SCORED = 1000
+
+
+def house_numbers_read_right(g, scorer, seed, length=4):
+    """The share of composed house numbers whose every digit the judge reads as its answer."""
+    rng = np.random.default_rng([seed or 0, 2])
+    texts = house_number_texts(rng, HOUSE_NUMBERS_SCORED, length)
+    numbers = [to_uint8(image) for image in compose_house_numbers(g, texts, rng)]
+    windows = np.concatenate([digit_windows(number) for number in numbers])
+    read = gan_score.Reading.of(scorer.reader, windows).digits.reshape(len(texts), length)
+    return float(np.mean(["".join(map(str, digits)) == text for digits, text in zip(read, texts)]))
+
+
 def score(model_dir, dest_train, dest_test=None, outdir=None, num_images=10000, gen_input_dim=100,
           alpha=0.2, seed=0, judge=None):
     """Score a trained generator against real images; writes score.md and two PNGs to outdir
     (model_dir/score by default). judge: a judge file, or 'train' (see judge_for)."""
     g = load_generator(model_dir, gen_input_dim, alpha)
     scorer = build_scorer(dest_train, *read_mat(dest_train), dest_test, num_images, seed, judge)
-    scores, reading = scorer.score(to_uint8(sample_images(g, scorer.num_images, seed)))
+    scores, reading = score_generator(g, scorer, seed)
+    notes = []
+    if is_conditional(g):
+        right = house_numbers_read_right(g, scorer, seed)
+        notes = [f"House numbers of 4 digits, as generate-captcha composes them: the judge reads "
+                 f"{right:.1%} of {HOUSE_NUMBERS_SCORED} right, digit by digit (goal: at least 95%)."]
     outdir = ensure_dir(outdir or Path(str(model_dir)) / "score")
-    gan_score.write_report(scorer, scores, reading, outdir, f"Scores of {model_dir}")
+    gan_score.write_report(scorer, scores, reading, outdir, f"Scores of {model_dir}", notes)
     print(f"Report written to {outdir / 'score.md'}")
 
 

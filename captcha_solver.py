@@ -46,6 +46,7 @@ from captcha_common import (
     atomic_path,
     charset_from,
     checked_label,
+    checked_number,
     ensure_dir,
     is_image_file,
     label_from_filename,
@@ -717,11 +718,9 @@ def readers_for(model_path):
 
 
 def checked_confidence(min_confidence):
-    if min_confidence is not None and (isinstance(min_confidence, bool)
-                                       or not isinstance(min_confidence, (int, float))
-                                       or not 0 <= min_confidence <= 1):
-        raise CaptchaError(f"--min_confidence must be a number within [0, 1], got {min_confidence!r}")
-    return min_confidence
+    if min_confidence is None:
+        return None
+    return checked_number("min_confidence", min_confidence, 0, 1)
 
 
 def read_images(readers, images, by_shape, min_confidence=None):

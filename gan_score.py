@@ -174,6 +174,7 @@ class Reading:
         self.features = features
         self.probabilities = probabilities
         self.digits, self.confidence = digit_readings(probabilities)
+        self.asked = None  # the digits a conditional generator was asked for, where it was
 
     @classmethod
     def of(cls, reader, images):
@@ -286,6 +287,8 @@ METRICS = {  # name: (column in losses.csv, how to read it)
                   "a readable CAPTCHA"),
     "copies": ("copies", "share nearer a training image than 99% of held-out images come; lower is better"),
     "NN distance": ("nn_distance", "median distance to the nearest training image, in the judge's features"),
+    "asked for": ("asked_for", "share the judge reads as the digit a conditional generator was asked "
+                  "for; the floor is the judge's accuracy on held-out real digits"),
 }
 
 
@@ -298,12 +301,14 @@ GOALS = {
     "digit TV": (lambda value, floor: value <= 0.10, "at most 0.10"),
     "copies": (lambda value, floor: value <= 2 * floor, "at most 2 x the floor's"),
     "FCD": (lambda value, floor: value <= 5, "at most 5"),
+    "asked for": (lambda value, floor: value >= max(0.95, floor), "at least 0.95 and the floor's"),
 }
 
 
 def goals_met(scores, floor):
-    """{metric: whether its goal is met} for one set of scores."""
-    return {name: bool(test(scores[name], floor[name])) for name, (test, _) in GOALS.items()}
+    """{metric: whether its goal is met} for the metrics one set of scores has."""
+    return {name: bool(test(scores[name], floor[name])) for name, (test, _) in GOALS.items()
+            if name in scores}
 
 
 class Scorer:
@@ -333,11 +338,18 @@ class Scorer:
         _, distances = nearest_neighbours(self.heldout.features, self.training.features)
         self.copy_threshold = float(np.percentile(distances, 1))
         self.floor = self.compare(self.heldout)
+        if self.judge_accuracy is not None:
+            self.floor["asked for"] = self.judge_accuracy
 
-    def score(self, images):
-        """{metric: value} for generated uint8 images, and the judge's Reading of them."""
+    def score(self, images, asked=None):
+        """{metric: value} for generated uint8 images, and the judge's Reading of them. asked: the
+        digit a conditional generator was asked for in each image, for the "asked for" figure."""
         reading = Reading.of(self.reader, images)
-        return self.compare(reading), reading
+        scores = self.compare(reading)
+        if asked is not None:
+            reading.asked = np.asarray(asked)
+            scores["asked for"] = float((reading.digits == reading.asked).mean())
+        return scores, reading
 
     def compare(self, sample):
         """Every metric for one sample of images (a Reading) against the real reference."""
@@ -373,15 +385,17 @@ class Scorer:
 # ## The report
 
 
-def write_report(scorer, scores, reading, outdir, title):
-    """score.md (the table and protocol), digit_histogram.png and nearest_neighbours.png in outdir."""
+def write_report(scorer, scores, reading, outdir, title, notes=()):
+    """score.md (the table, notes and protocol), digit_histogram.png and nearest_neighbours.png in
+    outdir."""
     met = goals_met(scores, scorer.floor)
     rows = [f"| {name} | {scores[name]:.4g} | {scorer.floor[name]:.4g} | {_goal_cell(name, met)} "
-            f"| {meaning} |" for name, (_, meaning) in METRICS.items()]
+            f"| {meaning} |" for name, (_, meaning) in METRICS.items() if name in scores]
     verdict = (f"All {len(met)} goals met." if all(met.values()) else
                f"Goals met: {sum(met.values())} of {len(met)}.")
     text = "\n".join([f"# {title}", "", "| metric | generated | floor (real vs real) | goal | meaning |",
-                      "| --- | --- | --- | --- | --- |", *rows, "", verdict, "", "Protocol:", "",
+                      "| --- | --- | --- | --- | --- |", *rows, "", verdict, "", *_asked_lines(reading),
+                      *[line for note in notes for line in (note, "")], "Protocol:", "",
                       *[f"- {line}" for line in scorer.protocol()], "",
                       "These figures use the judge's features, not Inception's: they are not "
                       "comparable with published FIDs.", ""])
@@ -390,6 +404,15 @@ def write_report(scorer, scores, reading, outdir, title):
     plot_digit_histogram(scorer, reading, outdir / "digit_histogram.png")
     plot_nearest_neighbours(scorer, reading, outdir / "nearest_neighbours.png")
     print(text)
+
+
+def _asked_lines(reading):
+    """Per digit, the share of conditional samples the judge reads as the digit asked for."""
+    if reading.asked is None:
+        return []
+    shares = [f"{digit}: {(reading.digits[reading.asked == digit] == digit).mean():.1%}"
+              for digit in range(DIGITS) if (reading.asked == digit).any()]
+    return ["Read as the digit asked for, per digit: " + ", ".join(shares) + ".", ""]
 
 
 def _goal_cell(name, met):
@@ -430,4 +453,4 @@ def plot_nearest_neighbours(scorer, reading, path, shown=16):
 
 def history_row(scores):
     """The scores as losses.csv columns."""
-    return {column: scores[name] for name, (column, _) in METRICS.items()}
+    return {column: scores[name] for name, (column, _) in METRICS.items() if name in scores}

@@ -29,24 +29,32 @@ demo() {
     --eval_dest "$DEMO/test" --outdir "$DEMO/shipped_whole"
   $PY captcha_solver.py predict "$DEMO/test/$(ls "$DEMO/test" | head -1)"
   echo "== 4. The GAN: a few training steps on offline SYNTHETIC house numbers (not SVHN), so that the"
-  echo "      training path runs; then 64 CAPTCHAs from the shipped generator, trained on the same stand-in"
+  echo "      training path runs; then CAPTCHAs from the shipped conditional generator, trained on the same"
+  echo "      stand-in: 64 single digits, and 4-digit house numbers named by their answers"
   $PY captcha_gan.py make-synthetic-svhn --outfile "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" \
     --num_images 5000 --seed 0
   $PY captcha_gan.py make-synthetic-svhn --outfile "$DEMO/synthetic_svhn/synthetic_svhn_test_32x32.mat" \
     --num_images 2000 --seed 1 --png_dir "$DEMO/house_numbers"
   $PY captcha_gan.py train --dest_train "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" \
-    --outdir "$DEMO/gan" --arch sn --batch_size 64 --gen_lr 0.0002 --dis_lr 0.0002 --epochs 1 --seed 0
+    --outdir "$DEMO/gan" --arch sn --conditional True --average_decay 0.999 --batch_size 64 \
+    --gen_lr 0.0002 --dis_lr 0.0002 --epochs 1 --seed 0
   $PY captcha_gan.py generate-captcha --num_images 64 --outdir "$DEMO/gan/captcha_for_use" --seed 0
+  $PY captcha_gan.py generate-captcha --conditional True --length 4 --num_images 200 \
+    --outdir "$DEMO/gan/house_numbers" --seed 0
+  $PY captcha_gan.py generate-captcha --conditional True --length 4 --num_images 50 \
+    --outdir "$DEMO/gan/house_numbers_to_label" --seed 1
   echo "== 5. Score the shipped generator's samples against real ones (the shipped judge reads them)"
   $PY captcha_gan.py score --model_dir models/gan_synthetic_svhn \
     --dest_train "$DEMO/synthetic_svhn/synthetic_svhn_train_32x32.mat" --num_images 2000 --outdir "$DEMO/gan/score"
-  echo "== 6. A labelling database: the GAN's samples (unlabelled) beside labelled house numbers of the same"
-  echo "      size, and the test CAPTCHAs (labelled)"
-  $PY captcha_labeler.py init --db "$LABELS" --labelled "$DEMO/house_numbers" --unlabelled "$DEMO/gan/captcha_for_use"
+  echo "== 6. A labelling database: GAN house numbers to label beside GAN house numbers of known answers,"
+  echo "      4 digits each, and the test CAPTCHAs (labelled)"
+  $PY captcha_labeler.py init --db "$LABELS" --labelled "$DEMO/gan/house_numbers" \
+    --unlabelled "$DEMO/gan/house_numbers_to_label" --unlabelled_glob "*.png"
   $PY captcha_labeler.py init --db "$LABELS" --labelled "$DEMO/test"
   echo "demo: everything is under $DEMO: CAPTCHAs in train/ val/ test/; solver/, shipped_book/ and"
   echo "      shipped_whole/ hold evaluation.csv, failures.png and confusions.csv; gan/ the few-step"
   echo "      run, gan/captcha_for_use/ the shipped generator's CAPTCHAs and contact_sheet.png,"
+  echo "      gan/house_numbers/ its 4-digit house numbers (LABEL.png; house_numbers_contact_sheet.png),"
   echo "      gan/score/ their scores; labels.sqlite the labelling database."
   echo "To label the GAN's samples in a browser, serve it (./run.sh serve does) and open http://127.0.0.1:8000/"
   echo "  $SERVE"

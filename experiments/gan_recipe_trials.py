@@ -29,6 +29,10 @@ TRIALS = {  # name: the settings it trains with, on top of COMMON
                     "--smooth_coef 0.1 --epochs 15",
     "sn_hinge": "--arch sn --batch_size 64 --gen_lr 0.0002 --dis_lr 0.0002 --gen_beta1 0.5 --dis_beta1 0.5 "
                 "--epochs 12",
+    "sn_conditional": "--arch sn --batch_size 64 --gen_lr 0.0002 --dis_lr 0.0002 --gen_beta1 0.5 "
+                      "--dis_beta1 0.5 --average_decay 0.999 --conditional True --epochs 12",
+    "sn_acgan": "--arch sn --batch_size 64 --gen_lr 0.0002 --dis_lr 0.0002 --gen_beta1 0.5 --dis_beta1 0.5 "
+                "--average_decay 0.999 --conditional acgan --epochs 4",
 }
 # Three trials ran with earlier forms of the second architecture, since replaced by --arch sn, so
 # their commands no longer rebuild them; their losses.csv tables are in docs/gan.md:
@@ -36,7 +40,7 @@ TRIALS = {  # name: the settings it trains with, on top of COMMON
 #                 batch 64, both at 2e-4 (scored by the first judge, which had no NO_DIGIT class)
 #   narrow_slow_d: the same with the minibatch-deviation feature in D; D 1e-4, G 2e-4
 #   resize_equal: resize-convolutions in G, the minibatch feature in D; both at 2e-4
-SHOWN = ["steps", "fcd", "precision", "recall", "digit_tv", "confident", "copies"]
+SHOWN = ["steps", "fcd", "precision", "recall", "digit_tv", "confident", "copies", "asked_for"]
 
 
 def command(name):
@@ -61,10 +65,11 @@ def table():
         steps_per_epoch = -(-40000 // batch)
         history["steps"] = (history["epoch"] + 1) * steps_per_epoch
         print(f"\n{name}: {settings}\n")
-        print("| " + " | ".join(SHOWN) + " |\n|" + " --- |" * len(SHOWN))
+        shown = [c for c in SHOWN if c in history]
+        print("| " + " | ".join(shown) + " |\n|" + " --- |" * len(shown))
         for _, row in history.iterrows():
             print("| " + " | ".join(f"{row[c]:.0f}" if c == "steps" else f"{row[c]:.3f}"
-                                    for c in SHOWN) + " |")
+                                    for c in shown) + " |")
 
 
 if __name__ == "__main__":

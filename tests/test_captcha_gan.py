@@ -228,7 +228,7 @@ def test_an_unknown_arch_or_recipe_is_one_line(tmp_path):
 
 def test_the_books_recipe_keeps_the_settings_given_and_the_fast_one_replaces_them():
     given = dict(arch="book", batch_size=100, gen_lr=1e-4, dis_lr=1e-3, gen_beta1=0.5, dis_beta1=0.5,
-                 smooth_coef=0.1, epochs=100)
+                 smooth_coef=0.1, average_decay=0, epochs=100)
     assert captcha_gan.recipe_settings("book", lambda size: 1, **given) == given
     fast = captcha_gan.recipe_settings("fast", lambda size: math.ceil(40000 / size), **given)
     recipe = captcha_gan.FAST_RECIPE
@@ -413,6 +413,159 @@ def test_a_fast_recipe_run_is_rebuilt_with_its_networks(tmp_path, monkeypatch):
         captcha_gan.load_generator(tmp_path / "run", gen_input_dim=16, alpha=0.3)
     with pytest.raises(CaptchaError, match="trained with --gen_input_dim 16, not 100"):
         captcha_gan.load_generator(tmp_path / "run")
+
+
+def averaging_gan(decay):
+    keras.utils.set_random_seed(0)
+    model = DCGAN(generator(8, arch="sn"), discriminator((32, 32, 3), arch="sn"), seed=0, hinge=True,
+                  average_generator=generator(8, arch="sn", name="average_generator"), average_decay=decay)
+    model.compile(d_optimizer=keras.optimizers.Adam(1e-3, beta_1=0.5),
+                  g_optimizer=keras.optimizers.Adam(1e-3, beta_1=0.5), run_eagerly=True)
+    return model
+
+
+def test_the_average_generator_moves_a_share_of_the_way_to_g_each_step():
+    gan = averaging_gan(decay=0.5)
+    before = weights_of(gan.generator)
+    assert same(weights_of(gan.average_generator), before)
+    real = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3)).astype("uint8")
+    gan.step(real)
+    after = weights_of(gan.generator)
+    decay = min(0.5, 2 / 11)  # the first step's shorter memory: (1 + steps) / (10 + steps), steps = 1
+    averaged = weights_of(gan.average_generator)
+    assert not same(after, before)
+    assert all(np.allclose(a, decay * b + (1 - decay) * c, atol=1e-6)
+               for a, b, c in zip(averaged, before, after))
+    assert gan.sampler is gan.average_generator
+
+
+def test_an_averaged_run_saves_resumes_and_samples_the_average(tmp_path):
+    mat = write_svhn_mat(tmp_path / "train_32x32.mat", n=8)
+    run = tmp_path / "run"
+    train(mat, run, arch="sn", gen_input_dim=8, batch_size=4, epochs=1, seed=0, average_decay=0.9)
+    average = generator(8, arch="sn")
+    average.load_weights(run / "average_generator.weights.h5")
+    g = captcha_gan.load_generator(run, gen_input_dim=8)
+    assert same(weights_of(g), weights_of(average))
+    raw = generator(8, arch="sn")
+    raw.load_weights(run / "generator.weights.h5")
+    assert not same(weights_of(g), weights_of(raw))
+    (run / "average_generator.weights.h5").unlink()  # as a run trained without averaging
+    train(mat, run, arch="sn", gen_input_dim=8, batch_size=4, epochs=2, seed=0, average_decay=0.9,
+          resume=True)
+    assert (run / "average_generator.weights.h5").is_file()
+    with pytest.raises(CaptchaError, match="--average_decay must be a number within \\[0, 1\\)"):
+        train(mat, run, arch="sn", gen_input_dim=8, batch_size=4, epochs=3, average_decay=1)
+
+
+def test_a_conditional_generator_draws_each_digit_from_one_style():
+    keras.utils.set_random_seed(0)
+    g = generator(8, arch="sn", conditional=True)
+    noise = np.repeat(np.random.default_rng(0).normal(size=(1, 8)).astype("float32"), 2, axis=0)
+    two = np.asarray(g.predict([noise, np.array([3, 7], "int32")], verbose=0))
+    assert two.shape == (2, 32, 32, 3) and not np.allclose(two[0], two[1])
+    assert captcha_gan.is_conditional(g) and captcha_gan.latent_dim(g) == 8
+
+
+def test_the_conditional_discriminator_projects_the_features_on_the_digits_embedding():
+    keras.utils.set_random_seed(0)
+    d = discriminator((32, 32, 3), arch="sn", conditional=True)
+    flatten = next(layer for layer in d.layers if isinstance(layer, keras.layers.Flatten))
+    features = keras.Model(d.inputs[0], flatten.output)
+    embedding = next(layer.layer.kernel for layer in d.layers
+                     if isinstance(layer, keras.layers.SpectralNormalization)
+                     and getattr(layer.layer, "units", 1) > 1)
+    image = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)).astype("float32")
+    scores = [float(np.asarray(d([image, np.array([digit], "int32")]))[0, 0]) for digit in (2, 5)]
+    f = np.asarray(features(image))[0]
+    projection = f @ (np.asarray(embedding)[2] - np.asarray(embedding)[5])
+    assert scores[0] - scores[1] == pytest.approx(projection, rel=1e-3, abs=1e-4)
+
+
+def test_acgans_discriminator_scores_and_reads_the_digit_of_the_image_alone():
+    keras.utils.set_random_seed(0)
+    d = discriminator((32, 32, 3), arch="sn", conditional="acgan")
+    gan = DCGAN(generator(8, arch="sn", conditional=True), d, seed=0, hinge=True)
+    assert d.output_shape == (None, 11) and not gan.projection and gan.auxiliary
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype("float32")
+    digits = np.array([0, 3, 3, 9], "int32")
+    weights, state = captcha_gan.values(d.trainable_variables), captcha_gan.values(d.non_trainable_variables)
+    scores, digit_loss, _ = gan.judged(weights, state, images, digits)
+    output = np.asarray(d.stateless_call(weights, state, images, training=True)[0])
+    logits = output[:, 1:] - output[:, 1:].max(axis=1, keepdims=True)
+    expected = -(logits[range(4), digits] - np.log(np.exp(logits).sum(axis=1))).mean()
+    assert np.allclose(np.asarray(scores), output[:, :1], atol=1e-5)
+    assert float(digit_loss) == pytest.approx(expected, rel=1e-4)
+
+
+def test_conditional_training_needs_labels_and_raw_scores(tmp_path):
+    (tmp_path / "folder").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "folder" / "a.png")
+    with pytest.raises(CaptchaError, match="--conditional needs labelled digits: a .mat file"):
+        train(tmp_path / "folder", tmp_path / "run", dir_flag=True, arch="sn", conditional=True)
+    unlabelled = tmp_path / "unlabelled_32x32.mat"
+    savemat(unlabelled, {"X": np.zeros((32, 32, 3, 4), np.uint8)})
+    with pytest.raises(CaptchaError, match="has no labels"):
+        train(unlabelled, tmp_path / "run", arch="sn", conditional=True)
+    mat = write_svhn_mat(tmp_path / "train_32x32.mat", n=8)
+    with pytest.raises(CaptchaError, match="--conditional needs a discriminator of raw scores"):
+        train(mat, tmp_path / "run", conditional=True)
+    with pytest.raises(CaptchaError, match="--conditional must be True, False or one of projection, acgan"):
+        train(mat, tmp_path / "run", arch="sn", conditional="both")
+    train(mat, tmp_path / "acgan", arch="sn", conditional="acgan", gen_input_dim=8, batch_size=4, epochs=1)
+    assert json.loads((tmp_path / "acgan" / "state.json").read_text())["conditional"] == "acgan"
+    assert captcha_gan.is_conditional(captcha_gan.load_generator(tmp_path / "acgan", gen_input_dim=8))
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("conditional")
+    mat = write_svhn_mat(root / "train_32x32.mat", n=8)
+    train(mat, root / "run", arch="sn", conditional=True, gen_input_dim=8, batch_size=4, epochs=1,
+          seed=0, average_decay=0.9)
+    return root / "run"
+
+
+def test_house_numbers_are_each_digits_centre_from_one_noise(conditional_run):
+    g = captcha_gan.load_generator(conditional_run, gen_input_dim=8)
+    [number] = captcha_gan.compose_house_numbers(g, ["407"], np.random.default_rng(5))
+    noise = np.random.default_rng(5).normal(size=(1, 8)).astype("float32")
+    alone = g.predict([np.repeat(noise, 3, axis=0), np.array([4, 0, 7], "int32")], verbose=0)
+    assert number.shape == (32, 48, 3)
+    assert np.allclose(number[:, 18:30], alone[1][:, 10:22], atol=1e-5)  # inside the blends
+    seam = number[:, 16]  # where 4's strip fades into 0's: between the two samples' columns
+    low, high = np.minimum(alone[0][:, 24], alone[1][:, 8]), np.maximum(alone[0][:, 24], alone[1][:, 8])
+    assert np.all((seam >= low - 1e-5) & (seam <= high + 1e-5))
+
+
+def test_generate_captcha_writes_house_numbers_named_by_their_answers(conditional_run, tmp_path):
+    generate_captcha(gen_input_dim=8, model_dir=conditional_run, outdir=tmp_path / "text", text="4172",
+                     num_images=3, seed=1)
+    assert sorted(p.name for p in (tmp_path / "text").iterdir()) == ["4172.png", "4172_1.png", "4172_2.png"]
+    assert (tmp_path / "text_contact_sheet.png").stat().st_size > 0
+    assert Image.open(tmp_path / "text" / "4172.png").size == (64, 32)
+    for name in ("a", "b"):
+        generate_captcha(gen_input_dim=8, model_dir=conditional_run, outdir=tmp_path / name,
+                         conditional=True, length="2-3", num_images=6, seed=2)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        answer = name.split("_")[0].removesuffix(".png")
+        assert answer.isdigit() and len(answer) in (2, 3)
+        assert Image.open(tmp_path / "a" / name).size == (16 * len(answer), 32)
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_bad_house_number_requests_are_one_line(conditional_run, trained, tmp_path):
+    out = tmp_path / "out"
+    for given, message in (({"text": "41a2"}, "--text must be 1-10 digits 0-9, got '41a2'"),
+                           ({"length": "12"}, "house numbers of 1-10 digits can be composed"),
+                           ({"length": "x"}, "--length must be a number or a range")):
+        with pytest.raises(CaptchaError, match=message):
+            generate_captcha(gen_input_dim=8, model_dir=conditional_run, outdir=out, **given)
+    assert not out.exists()
+    with pytest.raises(CaptchaError, match="unconditional generator"):
+        generate_captcha(gen_input_dim=16, model_dir=trained[1], outdir=out, conditional=True)
 
 
 def test_generate_captcha_without_a_model_dir_samples_the_shipped_generator(tmp_path):

@@ -107,6 +107,31 @@ def test_copies_of_training_images_are_flagged(real):
     assert scores["NN distance"] == pytest.approx(0, abs=1e-3)
 
 
+def test_real_digits_read_as_their_labels_score_the_asked_for_figure_near_its_floor(real):
+    root, scorer = real
+    fresh, labels = read_mat(root / "synthetic_fresh_32x32.mat")
+    asked = gan_score.digits_of(labels)
+    scores, reading = scorer.score(fresh, asked)
+    assert scores["asked for"] == pytest.approx((reading.digits == asked).mean())
+    assert abs(scores["asked for"] - scorer.floor["asked for"]) < 0.05
+    wrong, _ = scorer.score(fresh, (asked + 1) % 10)
+    assert wrong["asked for"] < 0.1
+    assert not goals_met(wrong, scorer.floor)["asked for"]
+    assert "asked for" not in scorer.score(fresh)[0]
+
+
+def test_a_conditional_run_is_scored_on_the_digits_asked_for(real, tmp_path):
+    root, _ = real
+    data = root / "synthetic_train_32x32.mat"
+    train(data, tmp_path, arch="sn", conditional=True, batch_size=100, gen_input_dim=16, epochs=1,
+          seed=0, score_every=1, score_images=N)
+    assert pd.read_csv(tmp_path / "losses.csv").asked_for.notna().all()
+    score(tmp_path, data, num_images=N, gen_input_dim=16)
+    report = (tmp_path / "score" / "score.md").read_text()
+    assert "| asked for |" in report and "Read as the digit asked for, per digit: 0: " in report
+    assert "House numbers of 4 digits" in report
+
+
 def test_the_judge_is_cached_beside_its_data(cached_judge, monkeypatch):
     root = cached_judge
     images, labels = read_mat(root / "synthetic_train_32x32.mat")
