@@ -765,7 +765,8 @@ def build_gan(arch, gen_input_dim, alpha, dis_input_dim, smooth_coef, gen_lr, ge
                else None)
     gan = DCGAN(generator(gen_input_dim, alpha, arch, conditional=bool(conditional)), d, smooth_coef, seed,
                 hinge=sngan, average_generator=average, average_decay=average_decay)
-    gan.networks = {"arch": arch, "gen_input_dim": gen_input_dim, "alpha": alpha, "conditional": conditional}
+    gan.networks = {"arch": arch, "gen_input_dim": gen_input_dim, "alpha": alpha,
+                    **({"conditional": conditional} if conditional else {})}
     gan.compile(d_optimizer=keras.optimizers.Adam(learning_rate=dis_lr, beta_1=dis_beta1),
                 g_optimizer=keras.optimizers.Adam(learning_rate=gen_lr, beta_1=gen_beta1),
                 jit_compile=use_xla())
