@@ -551,6 +551,27 @@ def test_generate_captcha_writes_house_numbers_named_by_their_answers(conditiona
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_house_numbers_feed_the_solver_and_the_labeller_as_they_are(conditional_run, tmp_path):
+    import captcha_labeler
+    import captcha_solver
+
+    for folder, count, seed in (("train", 32, 1), ("val", 16, 2)):
+        generate_captcha(gen_input_dim=8, model_dir=conditional_run, outdir=tmp_path / folder,
+                         length=4, num_images=count, seed=seed)
+    captcha_solver.train(tmp_path / "train", tmp_path / "val", tmp_path / "solver", arch="whole",
+                         batch_size=8, epochs=1, seed=0)
+    captcha_solver.evaluate(tmp_path / "solver" / "captcha_breaker.keras", tmp_path / "val",
+                            tmp_path / "eval")
+    evaluation = pd.read_csv(tmp_path / "eval" / "evaluation.csv", dtype=str)
+    assert len(evaluation) == 16  # the format came from the names: 4 digits
+    assert all(len(text) == 4 and text.isdigit() for text in evaluation.predictions)
+    db = tmp_path / "labels.sqlite"
+    captcha_labeler.init(db, labelled=tmp_path / "train")
+    labels = [label for (label,) in captcha_labeler.Database(db).query("SELECT label FROM images")]
+    assert sorted(labels) == sorted(p.name.split("_")[0].removesuffix(".png")
+                                    for p in (tmp_path / "train").iterdir())
+
+
 def test_bad_house_number_requests_are_one_line(conditional_run, trained, tmp_path):
     out = tmp_path / "out"
     for given, message in (({"text": "41a2"}, "--text must be 1-10 digits 0-9, got '41a2'"),
