@@ -221,7 +221,9 @@ def make_synthetic_svhn(outfile=f"data/synthetic_svhn/{SYNTHETIC_FILE}", num_ima
 # discriminator is SNGAN's (Miyato et al. 2018): spectrally normalised 4x4 convolutions without
 # BatchNorm, a raw score trained with the hinge loss, and a minibatch standard-deviation feature
 # before its last layer (Karras et al. 2018), which shows D how varied a batch is and so punishes
-# G for drawing one digit over and over.
+# G for drawing one digit over and over. `--conditional` tells both networks the digit: G draws the
+# digit it is given, and D scores image and digit together (a projection) or, as ACGAN's, also
+# reads the digit; the trials kept the projection (docs/gan.md).
 
 ARCHES = {
     "book": {"gen_widths": (512, 256, 128), "dis_widths": (64, 128, 256), "kernel": 5, "sngan": False},
@@ -359,7 +361,8 @@ def discriminator(img_dim, alpha=0.2, arch="book", conditional=None):
 # TensorFlow records a GradientTape, JAX transforms a function of the weights.
 # Both are asked for the same two things: the gradient of a loss (D's step),
 # and a forward pass whose backward pass comes later (G's fakes, pulled back
-# after D's step, as `fake.backward()` would in PyTorch).
+# after D's step, as `fake.backward()` would in PyTorch). With --average_decay, a
+# copy of G then moves a share of the way to G's new weights.
 
 BACKEND = keras.backend.backend()
 if BACKEND == "jax":
@@ -565,7 +568,7 @@ def assign(variables, new_values):
 
 
 def save_sample_grid(images, path, title=None, columns=None, labels=None):
-    """Images in [-1, 1] as one PNG grid: the book's figures 10.7 and 10.8; labels under them."""
+    """Images in [-1, 1] as one PNG grid: the book's figures 10.7 and 10.8; labels above them."""
     images = [to_uint8(image) for image in images]
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
