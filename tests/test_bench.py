@@ -89,3 +89,13 @@ def test_bench_labeler_counts_every_vote_on_both_databases():
         assert answers == 40 and requests_per_second > 0 and 0 < p50 <= p99 and 0 < answer_p50 <= answer_p99
         assert "exact (36 votes on 4 images)" in row  # 4 answers in 40 fail on purpose and count nothing
     assert ratio(output, "PostgreSQL/SQLite") > 0
+
+
+def test_bench_strength_tables_every_family_at_every_size(tmp_path):
+    output = run_bench("bench_strength.py", "--sizes", "16,24", "--num_val", "8", "--num_eval", "8",
+                       "--epochs", "1", "--outdir", tmp_path)
+    for family in ("claptcha", "ImageCaptcha", "GAN house numbers"):
+        row = next(line for line in output.splitlines() if line.startswith(f"| {family} |"))
+        assert re.fullmatch(rf"\| {family} \| [0-9.]+% \([0-9]+ s\) \| [0-9.]+% \([0-9]+ s\) \|", row)
+    assert (tmp_path / "strength.md").read_text().count("\n| ") == 5  # header, rule, three families
+    assert (tmp_path / "strength.png").stat().st_size > 10_000
