@@ -973,9 +973,11 @@ def write_house_numbers(g, model_dir, num_images, outdir, seed=None, length=None
     outdir = ensure_dir(outdir)
     for image, answer in zip(tqdm(images, desc="house numbers", disable=None), texts):
         save_labelled_png(Image.fromarray(to_uint8(image)), outdir, answer)
-    sheet = outdir.with_name(f"{outdir.name}_contact_sheet.png")  # beside: the folder holds CAPTCHAs only
+    folder = outdir.resolve()  # the sheet goes beside it, so that the folder holds CAPTCHAs only
+    sheet = folder.with_name(f"{folder.name}_contact_sheet.png")
     save_sample_grid(images[:48], sheet, title="generated house numbers", columns=4, labels=texts[:48])
-    print(f"{num_images} house numbers written to {outdir} as LABEL.png; the first 48 in {sheet}")
+    print(f"{num_images} house numbers written to {outdir} as LABEL.png; the first {min(48, num_images)} "
+          f"in {sheet}")
 
 
 # ## Scoring the generator
