@@ -1041,10 +1041,9 @@ def house_numbers_read_right(g, scorer, seed, length=4):
     """The share of composed house numbers whose every digit the judge reads as its answer."""
     rng = np.random.default_rng([seed or 0, 2])
     texts = house_number_texts(rng, HOUSE_NUMBERS_SCORED, length)
-    numbers = [to_uint8(image) for image in compose_house_numbers(g, texts, rng)]
-    windows = np.concatenate([digit_windows(number) for number in numbers])
-    read = gan_score.Reading.of(scorer.reader, windows).digits.reshape(len(texts), length)
-    return float(np.mean(["".join(map(str, digits)) == text for digits, text in zip(read, texts)]))
+    windows = [digit_windows(to_uint8(image)) for image in compose_house_numbers(g, texts, rng)]
+    readings = gan_score.house_number_readings(scorer.judge, windows)
+    return float(np.mean([read == text for (read, _), text in zip(readings, texts)]))
 
 
 def score(model_dir, dest_train, dest_test=None, outdir=None, num_images=10000, gen_input_dim=100,

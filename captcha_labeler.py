@@ -498,17 +498,11 @@ def read_images(reader, records):
 
 def judge_readings(judge, records):
     """What the house-number judge reads in each record's image, digit by digit, with its confidence."""
-    import numpy as np
-
     import gan_score
     from captcha_solver import decoded
 
     windows = [judge_windows(decoded(record.data, grayscale=False), record.source) for record in records]
-    digits, confidences = gan_score.digit_readings(
-        judge.predict(np.concatenate(windows), batch_size=256, verbose=0))
-    ends = np.cumsum([len(image_windows) for image_windows in windows])[:-1]
-    return [("".join(DIGITS[digit] for digit in image_digits), float(image_confidences.prod()))
-            for image_digits, image_confidences in zip(np.split(digits, ends), np.split(confidences, ends))]
+    return gan_score.house_number_readings(judge, windows)
 
 
 def solver_readings(breaker, records):

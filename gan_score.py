@@ -161,6 +161,16 @@ def load_or_train_judge(data_path, images, labels, seed=0, progress=False, steps
     return judge
 
 
+def house_number_readings(judge, windows):
+    """What the judge reads in each image, given as its N x 32 x 32 x 3 windows, one a digit: the
+    digits as text, and the product of their confidences."""
+    digits, confidences = digit_readings(
+        judge.predict(np.concatenate(windows), batch_size=256, verbose=0))
+    ends = np.cumsum([len(image_windows) for image_windows in windows])[:-1]
+    return [("".join(str(digit) for digit in image_digits), float(image_confidences.prod()))
+            for image_digits, image_confidences in zip(np.split(digits, ends), np.split(confidences, ends))]
+
+
 def judge_reader(judge):
     """The judge with two outputs: its penultimate features and its digit probabilities."""
     return keras.Model(judge.inputs, [judge.get_layer("features").output, judge.outputs[0]])
@@ -323,6 +333,7 @@ class Scorer:
         rng = np.random.default_rng(seed)
         self.num_images = min(num_images, len(training_images), len(heldout_images))
         self.seed = seed
+        self.judge = judge
         self.reader = judge_reader(judge)
         self.training = Reading.of(self.reader, training_images)
         self.prior = digit_histogram(digits_of(training_labels))

@@ -15,7 +15,7 @@ from PIL import Image
 from scipy.io import loadmat, savemat
 
 import captcha_gan
-from captcha_common import CaptchaError
+from captcha_common import CaptchaError, label_from_filename
 from captcha_gan import (
     DCGAN,
     discriminator,
@@ -545,7 +545,7 @@ def test_generate_captcha_writes_house_numbers_named_by_their_answers(conditiona
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
     for name in names:
-        answer = name.split("_")[0].removesuffix(".png")
+        answer = label_from_filename(name)
         assert answer.isdigit() and len(answer) in (2, 3)
         assert Image.open(tmp_path / "a" / name).size == (16 * len(answer), 32)
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -568,8 +568,7 @@ def test_house_numbers_feed_the_solver_and_the_labeller_as_they_are(conditional_
     db = tmp_path / "labels.sqlite"
     captcha_labeler.init(db, labelled=tmp_path / "train")
     labels = [label for (label,) in captcha_labeler.Database(db).query("SELECT label FROM images")]
-    assert sorted(labels) == sorted(p.name.split("_")[0].removesuffix(".png")
-                                    for p in (tmp_path / "train").iterdir())
+    assert sorted(labels) == sorted(label_from_filename(p) for p in (tmp_path / "train").iterdir())
 
 
 def test_bad_house_number_requests_are_one_line(conditional_run, trained, tmp_path):
