@@ -1,7 +1,8 @@
 """Break CAPTCHAs with a CNN. The book's model (`--arch book`, the default) cuts each 100x40
 grayscale CAPTCHA into four 25x40 slices, and one small CNN reads each slice as one of 36
 characters. `--arch whole` sees the whole CAPTCHA and reads all its characters at once; it reads
-any format (alphabet, case rule, lengths, size), which the model file carries. Without
+any format (alphabet, case rule, lengths, size), which the model file carries. `--arch ctc`, a
+CRNN trained with CTC, reads the CAPTCHA column by column and any length within its columns. Without
 --model_path, predict and evaluate read each CAPTCHA with the shipped models that fit it and keep
 the likeliest reading; read(image) does the same from Python.
 
@@ -62,7 +63,7 @@ from captcha_common import (
 
 start_keras()  # TensorFlow's start-up lines only with --verbose True
 import keras  # noqa: E402
-from keras import layers  # noqa: E402
+from keras import layers, ops  # noqa: E402
 
 # TensorFlow counts the traces of every Keras model's predict step together (they share one code
 # object), so reading with several models, at one trace per model and batch shape, would warn of
@@ -302,14 +303,87 @@ def whole_image_model(captcha_format=BOOK_FORMAT, lr=1e-3, filters=WHOLE_FILTERS
     return _compiled(keras.Model(inputs=input_, outputs=out, name="whole"), lr)
 
 
-ARCHITECTURES = {"book": _model_, "whole": whole_image_model}
+# The CRNN (`--arch ctc`) reads the CAPTCHA as a sequence of columns. The same conv blocks halve
+# the height every time but the width only in the first two, so a 100-pixel-wide input becomes 25
+# columns; a bidirectional GRU reads them, and a softmax per column gives a character or the CTC
+# blank, the last class. CTC training sums over every way of placing the label's characters in the
+# columns, so no position is tied to a character and any length within the columns reads. Reading
+# takes each column's likeliest class, merges repeats and drops blanks; a doubled letter therefore
+# needs a blank column between its two halves, and a label of n characters at least 2n - 1 columns.
+
+CTC_WIDTH_POOLS = 2  # the conv blocks that halve the width: 4 pixels a column
+CTC_UNITS = 128
+
+
+def ctc_columns(captcha_format):
+    return captcha_format.width // 2 ** CTC_WIDTH_POOLS
+
+
+def ctc_loss(blank):
+    """CTC loss of per-column probabilities against labels padded with the blank (encode_labels
+    pads with the end class, which is the blank's number). ops.ctc_loss normalises its input as
+    logits, and the log of probabilities passes through that unchanged."""
+    def loss(codes, probabilities):
+        lengths = ops.sum(ops.cast(ops.not_equal(codes, blank), "int32"), axis=-1)
+        columns = ops.full((ops.shape(probabilities)[0],), ops.shape(probabilities)[1], "int32")
+        return ops.ctc_loss(codes, ops.log(probabilities + 1e-7), lengths, columns, mask_index=blank)
+    return loss
+
+
+def ctc_greedy_accuracy(blank):
+    """Whole-CAPTCHA accuracy of greedy decoding, in the graph: the k-th character kept (a column
+    neither blank nor a repeat of the one before) must be the label's k-th, and as many kept as
+    the label has."""
+    def differ(a, b):
+        return ops.cast(ops.not_equal(a, b), "int32")
+
+    def accuracy(codes, probabilities):
+        codes = ops.cast(codes, "int32")
+        best = ops.cast(ops.argmax(probabilities, axis=-1), "int32")  # (batch, columns)
+        kept = differ(best, blank) * differ(best, ops.pad(best[:, :-1], [[0, 0], [1, 0]],
+                                                           constant_values=blank))
+        rank = ops.cumsum(kept, axis=-1) - 1  # where each kept column's character goes
+        positions = ops.shape(codes)[1]
+        wanted = ops.take_along_axis(codes, ops.clip(rank, 0, positions - 1), axis=-1)
+        misplaced = ops.maximum(differ(wanted, best), ops.cast(rank >= positions, "int32"))
+        length = ops.sum(differ(codes, blank), axis=-1)
+        right = (1 - differ(ops.sum(kept, axis=-1), length)) * (1 - ops.max(kept * misplaced, axis=-1))
+        return ops.cast(right, "float32")
+    return accuracy
+
+
+def crnn_ctc_model(captcha_format=BOOK_FORMAT, lr=1e-3, filters=WHOLE_FILTERS):
+    blank = len(captcha_format.charset)
+    input_ = keras.Input(shape=captcha_format.dim)
+    x = layers.RandomTranslation(0.05, 0.03, fill_mode="nearest")(input_)
+    x = layers.RandomZoom(0.05, fill_mode="nearest")(x)
+    for block, width in enumerate(filters):
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D((2, 2) if block < CTC_WIDTH_POOLS else (2, 1))(x)
+    x = layers.Permute((2, 1, 3))(x)  # (columns, rows, channels)
+    x = layers.Reshape((ctc_columns(captcha_format), -1))(x)  # one feature vector per column
+    x = layers.Dropout(0.25)(x)
+    x = layers.Bidirectional(layers.GRU(CTC_UNITS, return_sequences=True))(x)
+    x = layers.Dense(blank + 1)(x)
+    out = layers.Softmax(dtype="float32")(x)  # CTC's sums need float32 under mixed precision
+    model = keras.Model(inputs=input_, outputs=out, name="ctc")
+    accuracy = keras.metrics.MeanMetricWrapper(ctc_greedy_accuracy(blank), name="accuracy")
+    model.compile(loss=ctc_loss(blank), optimizer=keras.optimizers.Adam(learning_rate=lr),
+                  metrics=[accuracy])
+    return model
+
+
+ARCHITECTURES = {"book": _model_, "whole": whole_image_model, "ctc": crnn_ctc_model}
 
 
 def arch_shapes(captcha_format):
     """What each architecture maps for a format, as the model file records it; this is how a
     file's architecture is told. The book's network reads only the book's format."""
     shapes = {"whole": (captcha_format.dim,
-                        (captcha_format.max_length, classes_per_position(captcha_format)))}
+                        (captcha_format.max_length, classes_per_position(captcha_format))),
+              "ctc": (captcha_format.dim, (ctc_columns(captcha_format), len(captcha_format.charset) + 1))}
     if captcha_format == BOOK_FORMAT:
         shapes["book"] = (SLICE_SHAPE, (len(CHARSET),))
     return shapes
@@ -356,9 +430,9 @@ def derived_charset(labels):
 def training_format(labels, arch, charset, length, dim, case_sensitive, n_classes):
     """The format to train for: what the options give; for the whole-image model, what they leave
     open comes from the training labels (and is said); for the book's network, from the book."""
-    if arch == "whole" and not case_sensitive and any(c.isupper() for c in "".join(labels)):
+    derive = arch != "book"
+    if derive and not case_sensitive and any(c.isupper() for c in "".join(labels)):
         labels = [label.upper() for label in labels]  # case-insensitive labels fold as the format will
-    derive = arch == "whole"
     chars = (charset_from(charset) if charset is not None
              else derived_charset(labels) if derive else BOOK_FORMAT.charset)
     lengths = (lengths_from(length) if length is not None
@@ -373,10 +447,23 @@ def training_format(labels, arch, charset, length, dim, case_sensitive, n_classe
         raise CaptchaError(f"the book's network reads only the book's format ({BOOK_FORMAT.describe()}), "
                            f"not {captcha_format.describe()}: check --charset, --length, --dim and "
                            "--case_sensitive, or train --arch whole")
+    if arch == "ctc":
+        checked_ctc_columns(captcha_format)
     if derive and None in (charset, length):
         print(f"train: format from {len(labels)} training labels: {captcha_format.describe()} "
               "(--charset, --length, --dim and --case_sensitive choose it)")
     return captcha_format
+
+
+def checked_ctc_columns(captcha_format):
+    """CTC reads a doubled letter only with a blank column between its halves: n characters need
+    2n - 1 columns, which the input's width gives at 4 pixels a column."""
+    needed, columns = 2 * captcha_format.max_length - 1, ctc_columns(captcha_format)
+    if columns < max(needed, captcha_format.max_length + 1):
+        raise CaptchaError(f"--arch ctc reads a {captcha_format.width}-pixel-wide input as {columns} "
+                           f"columns, too few for {captcha_format.max_length} characters, which need "
+                           f"{needed} (a blank between doubled letters): give a --dim at least "
+                           f"{needed * 2 ** CTC_WIDTH_POOLS} pixels wide")
 
 
 def _learning_rate(lr, schedule, epochs, steps_per_epoch):
@@ -412,6 +499,9 @@ def recipe_settings(recipe, arch, batch_size, lr, epochs, schedule, filters=WHOL
     if recipe == "book":
         return batch_size, lr, epochs, schedule, filters, "float32"
     if recipe == "fast":
+        if arch not in FAST_RECIPES:
+            raise CaptchaError(f"--recipe fast has no measured recipe for --arch {arch} yet: give "
+                               "--batch_size, --lr, --epochs and --schedule")
         fast = FAST_RECIPES[arch]
         return (fast["batch_size"], fast["lr"], fast["epochs"], fast["schedule"],
                 fast.get("filters", filters), fast_precision())
@@ -434,7 +524,7 @@ def build_model(arch, captcha_format, learning_rate=1e-3, filters=WHOLE_FILTERS,
     try:
         if arch == "book":
             return _model_(len(CHARSET), learning_rate)
-        return whole_image_model(captcha_format, learning_rate, tuple(filters))
+        return ARCHITECTURES[arch](captcha_format, learning_rate, tuple(filters))
     finally:
         keras.mixed_precision.set_global_policy(before)
 
@@ -453,7 +543,7 @@ def train(dest_train, dest_val, outdir, batch_size=16, n_classes=None, dim=None,
           arch="book", charset=None, length=None, case_sensitive=False, skip_bad_labels=False,
           filters=WHOLE_FILTERS, distribute=False, recipe="book"):
     """Train a breaker (the book's by default); writes captcha_breaker.keras, history.csv and
-    curves.png to outdir. The format is the book's for --arch book; for --arch whole, --charset
+    curves.png to outdir. The format is the book's for --arch book; for --arch whole or ctc, --charset
     (a name: digits, upper, lower, alnum_upper, alnum_lower, alnum; or the characters), --length
     (4, or a range such as 4-6), --dim (height, width, channels) and --case_sensitive choose it,
     and what they leave open comes from the training labels. Labels that do not fit stop
@@ -486,17 +576,18 @@ def train(dest_train, dest_val, outdir, batch_size=16, n_classes=None, dim=None,
                             callbacks=callbacks, verbose=progress_verbosity())
     save_breaker(float32_model(model, arch, captcha_format, filters), captcha_format, outdir / MODEL_FILE,
                  image_sizes_of(train_files))
-    plot_history(pd.DataFrame(history.history), outdir / "curves.png")
+    plot_history(pd.DataFrame(history.history), outdir / "curves.png",
+                 "whole-CAPTCHA" if arch == "ctc" else "per-character")
     print(f"Model written at: {outdir / MODEL_FILE}")
 
 
-def plot_history(history, path):
+def plot_history(history, path, measured="per-character"):
     figure, axes = subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history) + 1)
     for axis, metric in zip(axes, ("loss", "accuracy")):
         axis.plot(epochs, history[metric], label="train")
         axis.plot(epochs, history[f"val_{metric}"], label="validation")
-        axis.set(xlabel="epoch", title=f"per-character {metric}")
+        axis.set(xlabel="epoch", title=f"{measured} {metric}")
         axis.legend()
     figure.tight_layout()
     save_figure(figure, path)
@@ -645,6 +736,17 @@ def decode(probabilities, captcha_format):
     return texts
 
 
+def ctc_decode(probabilities, captcha_format):
+    """Texts from (N, columns, classes + blank) probabilities, greedily: each column's likeliest
+    class, repeats merged, blanks dropped; and each reading's confidence, the probability of that
+    best path (the product of the columns' top probabilities)."""
+    blank = len(captcha_format.charset)
+    codes = probabilities.argmax(axis=-1)
+    kept = (codes != blank) & (codes != np.pad(codes[:, :-1], ((0, 0), (1, 0)), constant_values=blank))
+    texts = ["".join(captcha_format.charset[c] for c in row[keep]) for row, keep in zip(codes, kept)]
+    return texts, probabilities.max(axis=-1).prod(axis=-1)
+
+
 def read_captchas(breaker, images, batch_size=256):
     """The text of each (N, height, width, channels) uint8 CAPTCHA, batch_size CAPTCHAs at a time."""
     return read_with_confidences(breaker, images, batch_size)[0]
@@ -657,6 +759,8 @@ def read_with_confidences(breaker, images, batch_size=256):
     # predict sets up a dataset on every call (90 ms here); a single batch needs none (4 ms)
     probabilities = (breaker.model.predict_on_batch(x) if len(x) <= batch
                      else breaker.model.predict(x, batch_size=batch, verbose=0))
+    if breaker.arch == "ctc":
+        return ctc_decode(probabilities, breaker.captcha_format)
     probabilities = probabilities.reshape(len(images), breaker.captcha_format.max_length, -1)
     texts = decode(probabilities, breaker.captcha_format)
     return texts, sequence_confidences(probabilities, texts, breaker.captcha_format)
@@ -704,7 +808,7 @@ def automatic_readers(folder):
             continue
     if not breakers:
         raise CaptchaError(f"no CAPTCHA breakers (.keras files) in {folder}")
-    whole = {(b.captcha_format, b.aspects) for b in breakers if b.arch == "whole"}
+    whole = {(b.captcha_format, b.aspects) for b in breakers if b.arch != "book"}
     return tuple(b for b in breakers if b.arch != "book" or (b.captcha_format, b.aspects) not in whole)
 
 

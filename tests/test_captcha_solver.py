@@ -838,3 +838,70 @@ def test_train_with_the_fast_recipe_writes_a_float32_model_of_the_recipes_widths
     assert widths == captcha_solver.FAST_RECIPES["whole"]["filters"]
     assert model.dtype_policy.name == "float32"
     assert len(pd.read_csv(tmp_path / "history.csv")) == captcha_solver.FAST_RECIPES["whole"]["epochs"]
+
+
+# ## The CRNN with CTC
+
+
+def test_the_crnn_reads_a_softmax_per_column_with_the_blank_last():
+    model = captcha_solver.crnn_ctc_model(LOWER_4_TO_6)  # 120 pixels wide: 30 columns
+    assert model.input_shape == (None, 48, 120, 1)
+    assert model.output_shape == (None, 30, len(LOWER_4_TO_6.charset) + 1)
+    probabilities = model.predict(np.random.default_rng(0).random((2, 48, 120, 1)), verbose=0)
+    assert np.allclose(probabilities.sum(axis=-1), 1, atol=1e-5)
+    assert captcha_solver.arch_of(model, LOWER_4_TO_6) == "ctc"
+
+
+def column_probabilities(paths, classes):
+    """Per-column probabilities whose likeliest class follows each path, at 0.9 a column."""
+    probabilities = np.full((len(paths), len(paths[0]), classes), 0.1 / (classes - 1), np.float32)
+    for row, path in zip(probabilities, paths):
+        row[np.arange(len(path)), path] = 0.9
+    return probabilities
+
+
+def test_ctc_decoding_merges_repeats_and_reads_a_doubled_letter_only_across_a_blank():
+    two = CaptchaFormat("AB", 1, 3, 40, 40, 1, case_sensitive=True)  # blank = 2, 10 columns
+    paths = [[0, 0, 2, 0, 2, 2, 2, 2, 2, 2], [0, 0, 0, 2, 2, 2, 2, 2, 2, 2],
+             [1, 2, 1, 1, 0, 2, 2, 2, 2, 2], [2] * 10]
+    texts, confidences = captcha_solver.ctc_decode(column_probabilities(paths, 3), two)
+    assert texts == ["AA", "A", "BBA", ""]
+    assert confidences == pytest.approx([0.9 ** 10] * 4)  # the best path's probability
+    accuracy = captcha_solver.ctc_greedy_accuracy(2)(encode_labels(["AA", "AA", "BBA", "A"], two),
+                                                      column_probabilities(paths, 3))
+    assert np.asarray(accuracy).tolist() == [1, 0, 1, 0]
+
+
+def test_the_training_accuracy_of_ctc_is_that_of_its_decoding():
+    rng = np.random.default_rng(0)
+    blank = len(LOWER_4_TO_6.charset)
+    odds = np.r_[np.full(blank, 0.15 / blank), 0.85]  # mostly blank, as a reader's columns are
+    paths = rng.choice(blank + 1, size=(200, 30), p=odds)
+    probabilities = column_probabilities(paths, blank + 1)
+    texts, _ = captcha_solver.ctc_decode(probabilities, LOWER_4_TO_6)
+    labels = [text if LOWER_4_TO_6.fits(text) and k % 2 else "ab12" for k, text in enumerate(texts)]
+    accuracy = np.asarray(captcha_solver.ctc_greedy_accuracy(blank)(
+        encode_labels(labels, LOWER_4_TO_6), probabilities))
+    assert accuracy.tolist() == [float(text == label) for text, label in zip(texts, labels)]
+    assert 0 < accuracy.mean() < 1
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(dim=(40, 25, 1)), "reads a 25-pixel-wide input as 6 columns, too few for 4 characters"),
+    (dict(dim=(60, 40, 1), length="4-6"), "too few for 6 characters, which need 11"),
+])
+def test_ctc_refuses_an_input_too_narrow_for_a_blank_between_doubled_letters(options, message):
+    settings = dict(charset=None, length=None, case_sensitive=False, n_classes=None) | options
+    with pytest.raises(CaptchaError, match=re.escape(message)):
+        training_format(["AB12"], "ctc", **settings)
+
+
+def test_the_fast_recipe_says_it_has_no_ctc_recipe_yet():
+    with pytest.raises(CaptchaError, match="no measured recipe for --arch ctc"):
+        captcha_solver.recipe_settings("fast", "ctc", 16, 1e-3, 20, "constant")
+
+
+def test_training_ctc_on_an_input_too_narrow_writes_nothing(captchas, tmp_path):
+    with pytest.raises(CaptchaError, match="--arch ctc reads a 25-pixel-wide input as 6 columns"):
+        train(captchas / "val", captchas / "val", tmp_path / "out", arch="ctc", dim=(40, 25, 1))
+    assert not (tmp_path / "out").exists()
