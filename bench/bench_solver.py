@@ -6,7 +6,8 @@
       epochs and the second counts, as every later epoch would; the first, building included, is
       reported beside it. Drawing one epoch of batches without the model shows what the data
       alone costs each epoch;
-  (c) evaluating the same CAPTCHAs with the whole-image model (`--arch whole`);
+  (c) evaluating the same CAPTCHAs with the whole-image model (`--arch whole`), and with the
+      CRNN trained with CTC (`--arch ctc`), greedy decoding included;
   (d) evaluating CAPTCHAs of another family, ImageCaptcha 160x60 with 4 to 6 characters of
       0-9a-z, with a whole-image model of that format, as a Keras model and exported to ONNX;
   (e) evaluating a folder that mixes three families (claptcha 200x80, ImageCaptcha 170x80 of
@@ -150,6 +151,7 @@ def evaluate_variant(ours, variant, data, book_eval):
 # The model file and the folder each of our evaluation variants reads.
 EVAL_MODELS = {"ours_eval": ("untrained.keras", "eval"),
                "whole_eval": ("untrained_whole.keras", "eval"),
+               "ctc_eval": ("untrained_ctc.keras", "eval"),
                "family_eval": ("untrained_family.keras", "family_eval"),
                "family_onnx_eval": ("untrained_family.onnx", "family_eval"),
                "auto_eval": ("models", "mixed_eval")}
@@ -158,7 +160,7 @@ EVAL_MODELS = {"ours_eval": ("untrained.keras", "eval"),
 def make_data(scratch, num_eval, num_train, seed):
     """The CAPTCHAs and untrained models that every variant reads (speed does not depend on weights)."""
     from captcha_common import BOOK_FORMAT, CaptchaFormat, charset_from
-    from captcha_solver import _model_, export, save_breaker, whole_image_model
+    from captcha_solver import _model_, crnn_ctc_model, export, save_breaker, whole_image_model
     from CaptchaGenerator import main_process
 
     main_process(outdir_train=f"{scratch}/train", num_captchas_train=num_train,
@@ -169,6 +171,7 @@ def make_data(scratch, num_eval, num_train, seed):
                  generator="captcha", width=170, height=80)
     _model_(36).save(f"{scratch}/untrained.keras")
     whole_image_model().save(f"{scratch}/untrained_whole.keras")
+    save_breaker(crnn_ctc_model(), BOOK_FORMAT, f"{scratch}/untrained_ctc.keras")
     family = CaptchaFormat(charset_from("alnum_lower"), 4, 6, case_sensitive=True)
     save_breaker(whole_image_model(family), family, f"{scratch}/untrained_family.keras")
     export(f"{scratch}/untrained_family.keras")
@@ -188,7 +191,7 @@ def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, 
         return run_variant(variant, data, book_eval)
     with tempfile.TemporaryDirectory() as scratch:
         make_data(scratch, num_eval, num_train, seed)
-        rows = best_of(__file__, ("book_eval", "ours_eval", "whole_eval", "family_eval",
+        rows = best_of(__file__, ("book_eval", "ours_eval", "whole_eval", "ctc_eval", "family_eval",
                                   "family_onnx_eval", "auto_eval", "book_train", "ours_train",
                                   "book_data", "ours_data"), repeats, "--data", scratch,
                        "--book_eval", book_eval)
@@ -202,6 +205,7 @@ def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, 
     for variant, label in [("book_eval", f"(a) book: predict per slice ({book_eval})"),
                            ("ours_eval", f"(a) ours: evaluate ({num_eval})"),
                            ("whole_eval", f"(c) whole-image: evaluate ({num_eval})"),
+                           ("ctc_eval", f"(c) CRNN with CTC: evaluate ({num_eval})"),
                            ("family_eval", f"(d) ImageCaptcha 4-6: evaluate ({num_eval})"),
                            ("family_onnx_eval", f"(d) ... ONNX: evaluate ({num_eval})"),
                            ("auto_eval", f"(e) automatic: evaluate ({3 * num_eval} mixed)"),

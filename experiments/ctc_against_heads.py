@@ -30,9 +30,9 @@ def scores(S, model, arch, captcha_format, images, labels):
     per_second = len(images) / (time.perf_counter() - start)
     right = [text == label for text, label in zip(texts, labels)]
     twice = [r for r, label in zip(right, labels) if doubled(label)]
+    wrong_length = sum(len(text) != len(label) for text, label in zip(texts, labels))
     return {"whole": sum(right) / len(right), "doubled": sum(twice) / max(len(twice), 1),
-            "doubled_n": len(twice), "wrong_length": sum(len(t) != len(label) for t, label in zip(texts, labels))
-            / len(labels), "read_per_s": per_second}
+            "doubled_n": len(twice), "wrong_length": wrong_length / len(labels), "read_per_s": per_second}
 
 
 def contestant(S, keras, name, data, epochs, budget_s, batch, lr, filters, seed):

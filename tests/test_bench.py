@@ -25,7 +25,8 @@ def test_bench_solver_reports_every_variant_and_ratio():
     output = run_bench("bench_solver.py", "--num_eval", "20", "--num_train", "64",
                        "--book_eval", "2", "--repeats", "1")
     for label in ("(a) book: predict per slice (2)", "(a) ours: evaluate (20)",
-                  "(c) whole-image: evaluate (20)", "(d) ImageCaptcha 4-6: evaluate (20)",
+                  "(c) whole-image: evaluate (20)", "(c) CRNN with CTC: evaluate (20)",
+                  "(d) ImageCaptcha 4-6: evaluate (20)",
                   "(d) ... ONNX: evaluate (20)", "(b) book: disk DataGenerator epoch",
                   "(b) ours: in-memory epoch", "(b) book: an epoch's batches",
                   "(b) ours: an epoch's batches"):

@@ -361,7 +361,7 @@ def test_bad_input_on_the_command_line_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: no model file")
 
 
-@pytest.mark.parametrize("arch", ["book", "whole"])
+@pytest.mark.parametrize("arch", ["book", "whole", "ctc"])
 def test_the_jax_backend_trains_and_evaluates(arch, captchas, tmp_path):
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     common = dict(capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
