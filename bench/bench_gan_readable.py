@@ -16,7 +16,7 @@ scoring not counted), which another load on the machine changes far less than it
 Each contestant trains until its recipe's steps are done or --cap_s seconds of training have
 passed (the book's recipe is 100 epochs: it meets the cap). The table (time and steps until the
 confident-share goal, and until every goal) and the plot of confident share and FCD against
-training seconds go to --outdir.
+training seconds go to --outdir, and every score to gan_readable.json.
 """
 import json
 import math
@@ -242,8 +242,11 @@ def main(num_train=40000, num_heldout=10000, num_images=10000, score_every=500, 
                         for n in numbers if n != 1))
     with atomic_path(outdir / "gan_readable.md") as temporary:
         temporary.write_text(report)
+    with atomic_path(outdir / "gan_readable.json") as temporary:  # every score, for reading off
+        temporary.write_text(json.dumps({CONTESTANTS[n]: row["curve"] for n, row in rows.items()}))
     print("\n" + report)
-    print(f"curves: {outdir / 'gan_readable.png'}; table: {outdir / 'gan_readable.md'}")
+    print(f"curves: {outdir / 'gan_readable.png'} and {outdir / 'gan_readable.json'}; table: "
+          f"{outdir / 'gan_readable.md'}")
 
 
 if __name__ == "__main__":

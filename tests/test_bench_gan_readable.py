@@ -1,5 +1,6 @@
 """bench_gan_readable end to end at a tiny size: the chosen contestants train, are scored with one
 protocol, and the table, the ratio lines and the plot come out. Its speed is not checked here."""
+import json
 import re
 import subprocess
 import sys
@@ -33,6 +34,10 @@ def test_bench_gan_readable_scores_the_chosen_recipes_with_one_protocol(tmp_path
     assert "fast recipe against" not in result.stdout  # contestant 2 was not chosen
     assert (tmp_path / "gan_readable.png").stat().st_size > 10_000
     assert (tmp_path / "gan_readable.md").read_text().count("\n| ") == 5  # header, rule, 2 rows, floor
+    curves = json.loads((tmp_path / "gan_readable.json").read_text())
+    assert list(curves) == ["book recipe", "fast recipe, conditional"]
+    for curve in curves.values():
+        assert curve[-1]["seconds"] >= 3 and all(point["cpu_seconds"] > 0 for point in curve)
 
 
 @pytest.mark.parametrize("contestants", ["2,3", (1, 4), "x", 3])
