@@ -285,16 +285,23 @@ def classes_per_position(captcha_format):
     return len(captcha_format.charset) + captcha_format.variable_length
 
 
-def whole_image_model(captcha_format=BOOK_FORMAT, lr=1e-3, filters=WHOLE_FILTERS):
-    positions, classes = captcha_format.max_length, classes_per_position(captcha_format)
-    input_ = keras.Input(shape=captcha_format.dim)
+def conv_blocks(input_, filters, width_pools=None):
+    """The training-time shifts and zoom, then one conv-BatchNorm-ReLU block per width in filters,
+    each halving the height, and the width in the first width_pools blocks (all when None)."""
     x = layers.RandomTranslation(0.05, 0.03, fill_mode="nearest")(input_)
     x = layers.RandomZoom(0.05, fill_mode="nearest")(x)
-    for width in filters:
+    for block, width in enumerate(filters):
         x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
         x = layers.BatchNormalization()(x)
         x = layers.ReLU()(x)
-        x = layers.MaxPooling2D(2)(x)
+        x = layers.MaxPooling2D((2, 2) if width_pools is None or block < width_pools else (2, 1))(x)
+    return x
+
+
+def whole_image_model(captcha_format=BOOK_FORMAT, lr=1e-3, filters=WHOLE_FILTERS):
+    positions, classes = captcha_format.max_length, classes_per_position(captcha_format)
+    input_ = keras.Input(shape=captcha_format.dim)
+    x = conv_blocks(input_, filters)
     x = layers.Flatten()(x)
     x = layers.Dropout(0.3)(x)
     x = layers.Dense(positions * classes)(x)
@@ -355,13 +362,7 @@ def ctc_greedy_accuracy(blank):
 def crnn_ctc_model(captcha_format=BOOK_FORMAT, lr=1e-3, filters=WHOLE_FILTERS):
     blank = len(captcha_format.charset)
     input_ = keras.Input(shape=captcha_format.dim)
-    x = layers.RandomTranslation(0.05, 0.03, fill_mode="nearest")(input_)
-    x = layers.RandomZoom(0.05, fill_mode="nearest")(x)
-    for block, width in enumerate(filters):
-        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization()(x)
-        x = layers.ReLU()(x)
-        x = layers.MaxPooling2D((2, 2) if block < CTC_WIDTH_POOLS else (2, 1))(x)
+    x = conv_blocks(input_, filters, CTC_WIDTH_POOLS)
     x = layers.Permute((2, 1, 3))(x)  # (columns, rows, channels)
     x = layers.Reshape((ctc_columns(captcha_format), -1))(x)  # one feature vector per column
     x = layers.Dropout(0.25)(x)
@@ -457,7 +458,8 @@ def training_format(labels, arch, charset, length, dim, case_sensitive, n_classe
 
 def checked_ctc_columns(captcha_format):
     """CTC reads a doubled letter only with a blank column between its halves: n characters need
-    2n - 1 columns, which the input's width gives at 4 pixels a column."""
+    2n - 1 columns, which the input's width gives at 4 pixels a column. More columns than
+    characters also keep a CTC model's output shape apart from the heads' (arch_shapes)."""
     needed, columns = 2 * captcha_format.max_length - 1, ctc_columns(captcha_format)
     if columns < max(needed, captcha_format.max_length + 1):
         raise CaptchaError(f"--arch ctc reads a {captcha_format.width}-pixel-wide input as {columns} "
