@@ -29,7 +29,9 @@ CONFIDENT = 0.9
 K_NEAREST = 3
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
 JUDGE_STEPS = 1500
-SHIPPED_JUDGE = Path(__file__).resolve().parent / "models" / "synthetic_svhn_judge.keras"
+SHIPPED_JUDGES = {style: Path(__file__).resolve().parent / "models" / name  # by make-synthetic-svhn --style
+                  for style, name in (("plain", "synthetic_svhn_judge.keras"),
+                                      ("rich", "synthetic_svhn_rich_judge.keras"))}
 
 # ## The judge
 #

@@ -57,6 +57,10 @@ if ! font_found; then
   }
 fi
 
+# make-synthetic-svhn's rich house numbers draw in Debian's Liberation fonts as well (its line
+# says how many fonts it found): without them the same seed draws another set.
+[ -d /usr/share/fonts/truetype/liberation ] || apt_install fonts-liberation || true
+
 if [ "${1:-}" = test ]; then
   missing=()
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing+=(postgresql)

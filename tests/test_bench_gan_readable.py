@@ -32,6 +32,7 @@ def test_bench_gan_readable_scores_the_chosen_recipes_with_one_protocol(tmp_path
     assert re.search(f"fast recipe, conditional against the book's: confident-share goal {ratio} by "
                      f"wall time, {ratio} by CPU time; every goal .+ by CPU time", result.stdout)
     assert "fast recipe against" not in result.stdout  # contestant 2 was not chosen
+    assert "SYNTHETIC training house numbers (style plain)" in result.stdout
     assert (tmp_path / "gan_readable.png").stat().st_size > 10_000
     assert (tmp_path / "gan_readable.md").read_text().count("\n| ") == 5  # header, rule, 2 rows, floor
     curves = json.loads((tmp_path / "gan_readable.json").read_text())
@@ -45,3 +46,11 @@ def test_bench_gan_readable_rejects_contestants_without_the_book_or_unknown(cont
     with pytest.raises(SystemExit, match=r"^--contestants must be some of \[1, 2, 3\] and include 1"):
         bench_gan_readable.chosen(contestants)
     assert bench_gan_readable.chosen((3, 1)) == bench_gan_readable.chosen("1,3") == [1, 3]
+
+
+def test_bench_gan_readable_passes_a_bad_style_on_as_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCH), "--style", "fancy", "--cap_s", "1",
+                             "--outdir", tmp_path], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--style 'fancy': choose one of plain, rich" in result.stderr
+    assert not list(tmp_path.iterdir())

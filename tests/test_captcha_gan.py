@@ -72,20 +72,46 @@ def test_scaling_maps_uint8_onto_tanh_range():
     assert captcha_gan.to_uint8(scaled).tolist() == [0, 255]
 
 
-def test_offline_set_has_svhns_layout_and_labels(tmp_path):
+@pytest.mark.parametrize("style", captcha_gan.SYNTHETIC_STYLES)
+def test_offline_set_has_svhns_layout_and_labels(tmp_path, style):
     path = tmp_path / "synthetic_svhn_train_32x32.mat"
-    make_synthetic_svhn(path, num_images=60, seed=3)
+    make_synthetic_svhn(path, num_images=60, seed=3, style=style)
     data = loadmat(path)
     assert data["X"].shape == (32, 32, 3, 60) and data["X"].dtype == np.uint8
     assert data["y"].shape == (60, 1) and set(np.unique(data["y"])) <= set(range(1, 11))
-    assert "SYNTHETIC" in str(data["note"])
+    assert "SYNTHETIC" in str(data["note"]) and f"style {style}" in str(data["note"])
+    assert captcha_gan.is_synthetic(path)
     assert data["X"].std() > 20  # drawn digits on varied backgrounds, not a blank
 
 
-def test_offline_set_is_reproducible(tmp_path):
-    make_synthetic_svhn(tmp_path / "a.mat", num_images=10, seed=3)
-    make_synthetic_svhn(tmp_path / "b.mat", num_images=10, seed=3)
-    assert np.array_equal(loadmat(tmp_path / "a.mat")["X"], loadmat(tmp_path / "b.mat")["X"])
+@pytest.mark.parametrize("style", captcha_gan.SYNTHETIC_STYLES)
+def test_offline_set_is_reproducible(tmp_path, style):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        make_synthetic_svhn(tmp_path / f"{name}.mat", num_images=10, seed=seed, style=style)
+    a, b, c = (loadmat(tmp_path / f"{name}.mat")["X"] for name in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_the_rich_style_draws_the_label_at_the_centre_and_varies_what_the_plain_keeps_fixed():
+    rng, fonts = np.random.default_rng(0), captcha_gan._digit_fonts("rich")
+    masks = [captcha_gan._digit_mask(rng, fonts, label, 64, 192) for label in range(1, 11) for _ in range(5)]
+    assert all(mask[:, 88:104].max() > 0.9 for mask in masks)  # ink in the centre columns, every time
+    plain, rich = (np.stack([draw(np.random.default_rng(seed), captcha_gan._digit_fonts(style), 5)
+                             for seed in range(40)]).astype(float)
+                   for draw, style in ((captcha_gan._plain_house_number, "plain"),
+                                       (captcha_gan._rich_house_number, "rich")))
+    def background_spread(images):  # how much the background varies within an image
+        border = np.concatenate([images[:, :3].reshape(len(images), -1, 3),
+                                 images[:, -3:].reshape(len(images), -1, 3)], 1)
+        return np.median(border.std(axis=1).mean(axis=1))
+    assert background_spread(rich) > background_spread(plain)
+    assert len(captcha_gan._digit_fonts("rich")) >= len(captcha_gan._digit_fonts("plain"))
+
+
+def test_a_bad_style_is_one_line_and_writes_nothing(tmp_path):
+    with pytest.raises(CaptchaError, match="--style 'fancy': choose one of plain, rich"):
+        make_synthetic_svhn(tmp_path / "x.mat", num_images=5, style="fancy")
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("make, message", [

@@ -4,12 +4,13 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.io import savemat
 
 import captcha_gan
 import gan_score
 from captcha_common import CaptchaError
 from captcha_gan import make_synthetic_svhn, read_mat, score, train
-from gan_score import SHIPPED_JUDGE, Scorer, frechet_distance, goals_met, load_judge, load_or_train_judge
+from gan_score import SHIPPED_JUDGES, Scorer, frechet_distance, goals_met, load_judge, load_or_train_judge
 
 N = 300  # images per side: more than the judge's 128 features, few enough for a quick test
 
@@ -24,7 +25,8 @@ def real(tmp_path_factory):
         make_synthetic_svhn(root / f"synthetic_{name}_32x32.mat", num_images=count, seed=seed)
     images, labels = read_mat(root / "synthetic_train_32x32.mat")
     heldout, heldout_labels = read_mat(root / "synthetic_test_32x32.mat")
-    scorer = Scorer(load_judge(SHIPPED_JUDGE), images, labels, heldout, heldout_labels, num_images=N)
+    judge = load_judge(SHIPPED_JUDGES["plain"])
+    scorer = Scorer(judge, images, labels, heldout, heldout_labels, num_images=N)
     return root, scorer
 
 
@@ -42,12 +44,21 @@ def test_the_judge_reads_real_digits(real):
     assert scorer.judge_accuracy > 0.9  # chance is 0.1
 
 
-def test_a_synthetic_file_is_scored_by_the_shipped_judge_without_training(real, monkeypatch):
+def test_a_synthetic_file_is_scored_by_the_shipped_judge_of_its_style(real, monkeypatch, tmp_path):
     root, _ = real
     monkeypatch.setattr(gan_score, "judge_model", lambda *args: pytest.fail("a judge was trained"))
-    judge = captcha_gan.judge_for(root / "synthetic_train_32x32.mat", None, None)
-    assert judge.count_params() == load_judge(SHIPPED_JUDGE).count_params()
-    assert captcha_gan.is_synthetic(root / "synthetic_train_32x32.mat")
+    loaded = []
+    monkeypatch.setattr(gan_score, "load_judge", lambda path: loaded.append(path) or path)
+    make_synthetic_svhn(tmp_path / "rich_train_32x32.mat", num_images=5, seed=0, style="rich")
+    savemat(tmp_path / "before_styles.mat", {  # a file from before there were styles
+        "X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1)),
+        "note": "SYNTHETIC house numbers drawn from fonts; this is not SVHN"})
+    for data in (root / "synthetic_train_32x32.mat", tmp_path / "rich_train_32x32.mat",
+                 tmp_path / "before_styles.mat"):
+        captcha_gan.judge_for(data, None, None)
+    assert loaded == [SHIPPED_JUDGES["plain"], SHIPPED_JUDGES["rich"], SHIPPED_JUDGES["plain"]]
+    assert all(path.is_file() for path in SHIPPED_JUDGES.values())
+    assert captcha_gan.synthetic_style(root / "synthetic_train_32x32.mat") == "plain"  # the default
 
 
 def test_a_file_that_is_not_a_judge_is_one_line(tmp_path):
@@ -162,7 +173,7 @@ def test_too_few_images_for_the_features_is_a_clear_error(real):
         frechet_distance(features, features)
     images, labels = read_mat(root / "synthetic_train_32x32.mat")
     with pytest.raises(CaptchaError, match="more images than the 128 features"):
-        Scorer(load_judge(SHIPPED_JUDGE), images, labels, images[:50], num_images=50)
+        Scorer(load_judge(SHIPPED_JUDGES["plain"]), images, labels, images[:50], num_images=50)
 
 
 def test_training_scores_every_epoch_and_keeps_the_best(real, tmp_path):
