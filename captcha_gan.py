@@ -203,9 +203,14 @@ def _plain_house_number(rng, fonts, label):
         draw.text((x, size / 2), str(digit), font=font, fill=tuple(int(c) for c in ink), anchor="lm")
         x += width + gap
     image = image.crop((size // 2, 0, size * 3 // 2, size))
-    image = image.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR,
-                         fillcolor=tuple(int(c) for c in background))
-    image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.2))))
+    return _turned_blurred_shrunk(image, rng, 12, 1.2, background)
+
+
+def _turned_blurred_shrunk(image, rng, degrees, blur, fill):
+    """A crop turned by up to +-degrees, blurred by up to blur px and shrunk to 32x32, as uint8."""
+    image = image.rotate(float(rng.uniform(-degrees, degrees)), resample=Image.BILINEAR,
+                         fillcolor=tuple(int(c) for c in fill))
+    image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, blur))))
     return np.asarray(image.resize(IMAGE_SHAPE[:2], Image.BILINEAR))
 
 
@@ -271,10 +276,7 @@ def _rich_house_number(rng, fonts, label):
         wall = wall * (1 - shade * rng.uniform(0.4, 0.8))
     drawn = np.clip(wall * (1 - mask) + ink * mask, 0, 255).astype(np.uint8)
     image = Image.fromarray(drawn).crop((size, 0, 2 * size, size))
-    image = image.rotate(float(rng.uniform(-10, 10)), resample=Image.BILINEAR,
-                         fillcolor=tuple(int(c) for c in drawn[size // 2, size + size // 2]))
-    image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.5))))
-    small = np.asarray(image.resize(IMAGE_SHAPE[:2], Image.BILINEAR), float)
+    small = _turned_blurred_shrunk(image, rng, 10, 1.5, drawn[size // 2, size + size // 2]).astype(float)
     small += rng.normal(0, rng.uniform(0, 8), small.shape)  # a camera's noise
     small = Image.fromarray(np.clip(small, 0, 255).astype(np.uint8))
     if rng.random() < 0.5:
@@ -287,10 +289,11 @@ def _rich_house_number(rng, fonts, label):
 def make_synthetic_svhn(outfile=f"data/synthetic_svhn/{SYNTHETIC_FILE}", num_images=10000, seed=0,
                         png_dir=None, style="plain"):
     """Write a SYNTHETIC house-number set in SVHN's .mat layout: X 32x32x3xN uint8, y Nx1 in 1-10.
-    --style plain (flat colours; what the shipped generator learnt) or rich (walls, lighting, inks
-    of any contrast, slanted and stretched digits, noise, JPEG). The first 64 go to a contact sheet beside
-    outfile, <stem>_contact_sheet.png. png_dir: each image also as DIGIT.png there (by the label
-    rule), labelled CAPTCHAs for the labeller to pair with GAN samples of the same size."""
+    --style plain (flat colours; what the shipped generator learnt) or rich (walls, lighting,
+    inks of any contrast, slanted and stretched digits, noise, JPEG). The first 64 go to a contact
+    sheet beside outfile, <stem>_contact_sheet.png. png_dir: each image also as DIGIT.png there
+    (by the label rule), labelled CAPTCHAs for the labeller to pair with GAN samples of the same
+    size."""
     if style not in SYNTHETIC_STYLES:
         raise CaptchaError(f"--style {style!r}: choose one of {', '.join(SYNTHETIC_STYLES)}")
     num_images = checked_whole_number("num_images", num_images, minimum=1)
