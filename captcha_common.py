@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
 
+import cv2
 import fire
+import numpy as np
 
 from elapsedtimer import ElapsedTimer
 
@@ -179,12 +181,37 @@ def is_image_file(filename):
 
 def read_image(path, grayscale=False):
     """An image file as uint8: grayscale (H, W), or RGB (H, W, 3); one clear error for a bad file."""
-    import cv2
-
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR)
     if image is None:
         raise CaptchaError(f"cannot read image {path}: the file is corrupt or not an image")
     return image if grayscale else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def fitted(image, dim):
+    """A decoded uint8 image resized to a model's (height, width, channels) input."""
+    height, width, _ = dim
+    return cv2.resize(image, (width, height)).reshape(dim)
+
+
+def decoded(image, grayscale):
+    """An image given as a path, encoded bytes (PNG, JPEG...) or a uint8 array (H x W grayscale, or
+    H x W x 3 RGB), as grayscale (H, W) or RGB (H, W, 3) uint8."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        mode = cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR
+        array = cv2.imdecode(np.frombuffer(image, np.uint8), mode)
+        if array is None:
+            raise CaptchaError(f"cannot read an image from {len(image)} bytes: they are not an encoded image")
+        return array if grayscale else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    if not isinstance(image, np.ndarray):
+        return read_image(image, grayscale)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or image.shape[2:] not in ((), (1,), (3,)):
+        raise CaptchaError(f"an image array must be H x W (grayscale) or H x W x 3 (RGB) of uint8, got "
+                           f"shape {image.shape} of {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return image if grayscale else cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if grayscale else image
 
 
 # ## House numbers
@@ -279,6 +306,29 @@ def atomic_path(final_path):
         os.replace(temporary, final_path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def optimizer_state(optimizers):
+    """The step counts and moments of named optimizers ({"d": ..., "g": ...}), by name; learning
+    rates are left out, since they come from the command line."""
+    return {f"{name}_{i}": variable for name, optimizer in optimizers.items()
+            for i, variable in enumerate(v for v in optimizer.variables
+                                         if not v.path.endswith("learning_rate"))}
+
+
+def save_variables(variables, path):
+    """Named Keras variables ({name: variable}) into one .npz file, replaced whole."""
+    with atomic_path(path) as temporary:
+        np.savez(temporary, **{key: np.asarray(v) for key, v in variables.items()})
+
+
+def load_variables(variables, path):
+    """Assign saved values to named variables; ValueError where a shape differs from the variable's."""
+    state = np.load(path)
+    for key, variable in variables.items():
+        if state[key].shape != tuple(variable.shape):
+            raise ValueError(f"{key} is {state[key].shape}, the variable's is {variable.shape}")
+        variable.assign(state[key])
 
 
 def candidate_names(text):

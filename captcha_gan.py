@@ -44,11 +44,14 @@ from captcha_common import (  # noqa: E402
     find_font,
     is_image_file,
     lengths_from,
+    load_variables,
+    optimizer_state,
     progress_verbosity,
     read_image,
     run_cli,
     save_figure,
     save_labelled_png,
+    save_variables,
     subplots,
     training_devices,
 )
@@ -780,18 +783,13 @@ def save_checkpoint(gan, outdir, epochs_done, **state):
     for network in checkpointed_networks(gan):
         with atomic_path(outdir / f"{network.name}.weights.h5") as temporary:
             network.save_weights(temporary)
-    with atomic_path(outdir / "optimizers.npz") as temporary:
-        np.savez(temporary, **{key: v.numpy() for key, v in _optimizer_state(gan).items()})
+    save_variables(optimizer_state(gan_optimizers(gan)), outdir / "optimizers.npz")
     with atomic_path(outdir / "state.json") as temporary:
         temporary.write_text(json.dumps({"epochs_done": epochs_done, **gan.networks, **state}))
 
 
-def _optimizer_state(gan):
-    """Both optimizers' step counts and moments by name; learning rates come from the command line."""
-    return {f"{name}_{i}": variable
-            for name, optimizer in (("d", gan.d_optimizer), ("g", gan.g_optimizer))
-            for i, variable in enumerate(v for v in optimizer.variables
-                                         if not v.path.endswith("learning_rate"))}
+def gan_optimizers(gan):
+    return {"d": gan.d_optimizer, "g": gan.g_optimizer}
 
 
 def load_checkpoint(gan, outdir):
@@ -808,11 +806,7 @@ def load_checkpoint(gan, outdir):
             source = path if path.is_file() else outdir / "generator.weights.h5"  # no average yet
             gan.average_generator.load_weights(source)
         path = outdir / "optimizers.npz"
-        state = np.load(path)
-        for key, variable in _optimizer_state(gan).items():
-            if state[key].shape != tuple(variable.shape):
-                raise ValueError(f"{key} is {state[key].shape}, the optimizer's is {variable.shape}")
-            variable.assign(state[key])
+        load_variables(optimizer_state(gan_optimizers(gan)), path)
     except FileNotFoundError:
         raise CaptchaError(f"cannot resume: there is no {path}") from None
     except Exception as error:  # Keras and numpy raise several kinds for a file that doesn't fit
