@@ -114,14 +114,18 @@ def our_steps(mat, steps, batch_size, warmup, xla=None):
     return timer.seconds
 
 
+RUNS = {"book": book_steps, "ours": our_steps, "ours_jax": our_steps,
+        "ours_xla": lambda *args: our_steps(*args, xla=True)}
+
+
 def main(steps=10, batch_size=100, warmup=2, repeats=2, variants=tuple(VARIANTS), variant=None,
-         mat=None):
-    """variants: which rows to run; a box without TensorFlow runs --variants ours_jax."""
+         mat=None, one_process=False):
+    """variants: which rows to run; a box without TensorFlow runs --variants ours_jax.
+    --one_process True runs the variants of this process's backend here: quicker at a tiny size,
+    as the tests run it, but its figures are not for comparing (bench/variants.py says why)."""
     if variant:
-        runs = {"book": book_steps, "ours": our_steps, "ours_jax": our_steps,
-                "ours_xla": lambda *args: our_steps(*args, xla=True)}
-        seconds = runs[variant](mat, steps, batch_size, warmup)
-        return report(seconds)
+        report(RUNS[variant](mat, steps, batch_size, warmup))
+        return
     variants = [variants] if isinstance(variants, str) else list(variants)
     from scipy.io import savemat
 
@@ -130,9 +134,13 @@ def main(steps=10, batch_size=100, warmup=2, repeats=2, variants=tuple(VARIANTS)
         mat = os.path.join(scratch, "train_32x32.mat")
         savemat(mat, {"X": rng.integers(0, 256, (32, 32, 3, SVHN_TRAIN_IMAGES), dtype=np.uint8),
                       "y": rng.integers(1, 11, (SVHN_TRAIN_IMAGES, 1)).astype(np.uint8)})
+        backend = keras.backend.backend()
         rows = best_of(__file__, variants, repeats, "--mat", mat, "--steps", steps,
                        "--batch_size", batch_size, "--warmup", warmup,
-                       environment={name: {"KERAS_BACKEND": VARIANTS[name][1]} for name in variants})
+                       environment={name: {"KERAS_BACKEND": VARIANTS[name][1]} for name in variants
+                                    if not one_process or VARIANTS[name][1] != backend},
+                       in_this_process=one_process and (
+                           lambda name: report(RUNS[name](mat, steps, batch_size, warmup))))
     print(f"\nbench_gan on {os.cpu_count()} cores: {steps} steps at batch {batch_size}, "
           f"{SVHN_TRAIN_IMAGES} images held in memory; fastest of {repeats} interleaved runs")
     print(f"{'':36}{'steps/s':>10}{'s/step':>10}{'peak MiB':>10}")

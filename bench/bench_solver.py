@@ -128,7 +128,7 @@ def run_variant(variant, data, book_eval):
         return report(draw_epoch(generator), count=count, build=build)
     history = ours._model_(36).fit(generator, epochs=2, callbacks=[ours.EpochSeconds()], verbose=0)
     first, second = history.history["seconds"]
-    report(second, count=count, first=build + first)
+    return report(second, count=count, first=build + first)
 
 
 def evaluate_variant(ours, variant, data, book_eval):
@@ -145,7 +145,7 @@ def evaluate_variant(ours, variant, data, book_eval):
         model_path, folder = data / EVAL_MODELS[variant][0], data / EVAL_MODELS[variant][1]
         ours.evaluate(model_path, folder, data / f"{variant}_out")
         count = len(os.listdir(folder))
-    report(time.perf_counter() - start, count=count)
+    return report(time.perf_counter() - start, count=count)
 
 
 # The model file and the folder each of our evaluation variants reads.
@@ -186,15 +186,20 @@ def make_data(scratch, num_eval, num_train, seed):
             (mixed / f"{file.stem}_{name}.png").symlink_to(file)
 
 
-def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, data=None, seed=0):
+def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, data=None, seed=0,
+         one_process=False):
+    """--one_process True runs every variant in this process: quicker at a tiny size, as the tests
+    run it, but its figures are not for comparing (bench/variants.py says why)."""
     if variant:
-        return run_variant(variant, data, book_eval)
+        run_variant(variant, data, book_eval)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         make_data(scratch, num_eval, num_train, seed)
         rows = best_of(__file__, ("book_eval", "ours_eval", "whole_eval", "ctc_eval", "family_eval",
                                   "family_onnx_eval", "auto_eval", "book_train", "ours_train",
                                   "book_data", "ours_data"), repeats, "--data", scratch,
-                       "--book_eval", book_eval)
+                       "--book_eval", book_eval,
+                       in_this_process=one_process and (lambda v: run_variant(v, scratch, book_eval)))
 
     def rate(row):
         return row["count"] / row["seconds"]

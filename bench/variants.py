@@ -22,16 +22,27 @@ def peak_mib():
 
 
 def report(seconds, **extra):
-    """Called inside a variant's process: print its time and peak memory as the last line."""
-    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib(), **extra}))
+    """Called inside a variant's process: print its time and peak memory as the last line, and
+    return them."""
+    row = {"seconds": seconds, "peak_mib": peak_mib(), **extra}
+    print(json.dumps(row))
+    return row
 
 
-def best_of(script, variants, repeats, *args, environment=None):
+def best_of(script, variants, repeats, *args, environment=None, in_this_process=None):
     """{variant: its fastest run}; runs go variant by variant, round after round. environment maps
-    a variant to the variables its process gets on top of ours (KERAS_BACKEND, say)."""
+    a variant to the variables its process gets on top of ours (KERAS_BACKEND, say).
+
+    in_this_process, a function of a variant that runs it and returns its report, runs each
+    variant without an environment of its own here instead: it saves a Python start-up and its
+    imports per variant, which is what the tests want at their tiny sizes, but the figures then
+    share one process's warm caches and its peak memory so far, and are not for comparing."""
     runs = {variant: [] for variant in variants}
     for _ in range(repeats):
         for variant in variants:
+            if in_this_process and variant not in (environment or {}):
+                runs[variant].append(in_this_process(variant))
+                continue
             env = {**os.environ, **(environment or {}).get(variant, {})}
             result = subprocess.run([sys.executable, script, "--variant", variant, *map(str, args)],
                                     capture_output=True, text=True, check=True, env=env)

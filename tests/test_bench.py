@@ -1,4 +1,7 @@
-"""The benchmarks run end to end at a tiny size and print every figure; their speed is not checked here."""
+"""The benchmarks run end to end at a tiny size and print every figure; their speed is not checked here.
+Those that run each variant in a process of its own run them in one here (--one_process), which
+saves a start-up per variant; a test of its own checks that a variant's process reports its own
+peak memory."""
 import json
 import re
 import subprocess
@@ -23,7 +26,7 @@ def ratio(output, label):
 
 def test_bench_solver_reports_every_variant_and_ratio():
     output = run_bench("bench_solver.py", "--num_eval", "20", "--num_train", "64",
-                       "--book_eval", "2", "--repeats", "1")
+                       "--book_eval", "2", "--repeats", "1", "--one_process", "True")
     for label in ("(a) book: predict per slice (2)", "(a) ours: evaluate (20)",
                   "(c) whole-image: evaluate (20)", "(c) CRNN with CTC: evaluate (20)",
                   "(d) ImageCaptcha 4-6: evaluate (20)",
@@ -46,7 +49,7 @@ def test_bench_generate_reports_both_loops():
 
 def test_bench_gan_reports_both_loops():
     output = run_bench("bench_gan.py", "--steps", "2", "--batch_size", "8", "--warmup", "1",
-                       "--repeats", "1")
+                       "--repeats", "1", "--one_process", "True")
     for label in ("book: predict + 3 x train_on_batch", "ours: one compiled step",
                   "ours on JAX: one jitted step"):
         row = next(line for line in output.splitlines() if line.startswith(label))
