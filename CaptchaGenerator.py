@@ -34,8 +34,10 @@ from captcha_common import (
     candidate_names,
     charset_from,
     checked_whole_number,
+    decoded,
     ensure_dir,
     find_font,
+    fitted,
     hidden_temporary,
     lengths_from,
     link_under_free_name,
@@ -202,6 +204,21 @@ def captcha_design(generator="claptcha", font=None, width=None, height=None,
     return Design("captcha", font, width, height, charset, lengths, mix)
 
 
+def drawn_texts(design, n, seeds):
+    """n texts of the design and the seed that renders each, from one SeedSequence."""
+    text_seeds, render_seeds = seeds.spawn(2)
+    texts = design.texts(np.random.default_rng(text_seeds), n)
+    return texts, render_seeds.generate_state(n, dtype=np.uint64).tolist()
+
+
+def rendered_input(job):
+    """One CAPTCHA drawn in memory and resized to a model's (height, width, channels) input, as a
+    solver reading its PNG file would see it; runs in a worker process."""
+    design, text, seed, dim = job
+    rgb = np.asarray(design.render(text, seed).convert("RGB"))
+    return fitted(decoded(rgb, grayscale=dim[2] == 1), dim)
+
+
 # ## Writing without overwriting
 
 
@@ -253,9 +270,7 @@ def generate_captcha(outdir, font=None, num_captchas=20000, mix=None, seed=None,
     workers = _checked_workers(workers)
     outdir = ensure_dir(outdir)
     seeds = np.random.SeedSequence(seed)
-    text_seeds, render_seeds = seeds.spawn(2)
-    texts = design.texts(np.random.default_rng(text_seeds), num_captchas)
-    image_seeds = render_seeds.generate_state(num_captchas, dtype=np.uint64).tolist()
+    texts, image_seeds = drawn_texts(design, num_captchas, seeds)
     names = assign_names(texts, os.listdir(outdir))
     # A worker stopped by Ctrl-C may leave its temporary file behind: they all live in one hidden
     # folder of this run, removed at the end whatever happens.

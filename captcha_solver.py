@@ -14,14 +14,19 @@ the likeliest reading; read(image) does the same from Python.
         --outdir runs/whole --batch_size 64 --lr 2e-3 --epochs 8 --schedule cosine
     python captcha_solver.py train --arch whole --dest_train data/ic/train --dest_val data/ic/val \
         --outdir runs/ic --charset alnum_lower --length 4-6 --case_sensitive True --dim '(48,128,1)'
+    python captcha_solver.py train --arch ctc --fresh 100000 --redraw 0.25 --generator captcha \
+        --width 170 --height 80 --dest_val data/ic4/val --outdir runs/ic4
     python captcha_solver.py predict data/test/26UR.png
     python captcha_solver.py evaluate --eval_dest data/mixed --outdir runs/mixed --min_confidence 0.9
     python captcha_solver.py export --model_path runs/ic/captcha_breaker.keras --format onnx
 """
 import json
 import logging
+import multiprocessing
 import os
+import random
 import re
+import sys
 import time
 import warnings
 import zipfile
@@ -33,9 +38,9 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import NamedTuple
 
-import cv2
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from captcha_common import (
     BOOK_FORMAT,
@@ -48,18 +53,25 @@ from captcha_common import (
     charset_from,
     checked_label,
     checked_number,
+    checked_whole_number,
+    decoded,
     ensure_dir,
+    fitted,
     is_image_file,
     label_from_filename,
     lengths_from,
+    load_variables,
+    optimizer_state,
     progress_verbosity,
     read_image,
     run_cli,
     save_figure,
+    save_variables,
     start_keras,
     subplots,
     training_devices,
 )
+from CaptchaGenerator import captcha_design, drawn_texts, rendered_input
 
 start_keras()  # TensorFlow's start-up lines only with --verbose True
 import keras  # noqa: E402
@@ -89,33 +101,6 @@ IMAGE_SIZES_ENTRY = "image_sizes.json"  # the (width, height) sizes of the image
 def load_img(path, dim=(100, 40), channels=1):
     """One CAPTCHA as a (height, width, channels) uint8 array, resized to dim = (width, height)."""
     return fitted(read_image(path, grayscale=channels == 1), (dim[1], dim[0], channels))
-
-
-def fitted(image, dim):
-    """A decoded uint8 image resized to a model's (height, width, channels) input."""
-    height, width, _ = dim
-    return cv2.resize(image, (width, height)).reshape(dim)
-
-
-def decoded(image, grayscale):
-    """An image given as a path, encoded bytes (PNG, JPEG...) or a uint8 array (H x W grayscale, or
-    H x W x 3 RGB), as grayscale (H, W) or RGB (H, W, 3) uint8."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        mode = cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR
-        array = cv2.imdecode(np.frombuffer(image, np.uint8), mode)
-        if array is None:
-            raise CaptchaError(f"cannot read an image from {len(image)} bytes: they are not an encoded image")
-        return array if grayscale else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
-    if not isinstance(image, np.ndarray):
-        return read_image(image, grayscale)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or image.shape[2:] not in ((), (1,), (3,)):
-        raise CaptchaError(f"an image array must be H x W (grayscale) or H x W x 3 (RGB) of uint8, got "
-                           f"shape {image.shape} of {image.dtype}")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 2:
-        return image if grayscale else cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if grayscale else image
 
 
 def prepared(images, dims):
@@ -209,26 +194,13 @@ def arch_view(arch, images, labels=None):
     return images, labels
 
 
-class DataGenerator(keras.utils.PyDataset):
-    """Batches from a folder decoded once into memory, reshuffled every epoch.
+class InMemoryBatches(keras.utils.PyDataset):
+    """Batches of uint8 inputs held in memory, scaled per batch, reshuffled every epoch."""
 
-    The arguments are the book's, plus arch, the format and skip_bad_labels; batch_size counts
-    CAPTCHAs, so for the book's model a batch holds 4 * batch_size slices. char_to_index_dict and
-    n_classes are accepted for the book's calls, but the classes always come from the format's
-    alphabet (the book's: CHARSET, the order that create_dict_char_to_index gives). Without a
-    format, the book's is read at dim.
-    """
-
-    def __init__(self, dest, char_to_index_dict=None, batch_size=32, n_classes=36,
-                 dim=BOOK_DIM, shuffle=True, seed=None, arch="book", captcha_format=None,
-                 skip_bad_labels=False, **kwargs):
+    def __init__(self, inputs, labels, batch_size, shuffle=True, seed=None, **kwargs):
         super().__init__(**kwargs)
-        captcha_format = captcha_format or replace(
-            BOOK_FORMAT, **dict(zip(("height", "width", "channels"), dim)))
-        files = fitting_files(list_captchas(dest), captcha_format, skip_bad_labels)
-        images, labels = load_captchas(files, captcha_format)
-        self.inputs, self.labels = arch_view(arch, images, labels)
-        self.batch_size = batch_size * (len(self.inputs) // len(images))  # inputs per CAPTCHA
+        self.inputs, self.labels = inputs, labels
+        self.batch_size = batch_size
         self.shuffle = shuffle
         self.rng = np.random.default_rng(seed)
         self.on_epoch_end()
@@ -244,6 +216,128 @@ class DataGenerator(keras.utils.PyDataset):
         self.order = np.arange(len(self.labels))
         if self.shuffle:
             self.rng.shuffle(self.order)
+
+    def replay(self, epochs_done):
+        """Shuffle as epochs_done epochs have, for a resumed run."""
+        for _ in range(epochs_done):
+            InMemoryBatches.on_epoch_end(self)
+
+
+class DataGenerator(InMemoryBatches):
+    """Batches from a folder decoded once into memory, reshuffled every epoch.
+
+    The arguments are the book's, plus arch, the format and skip_bad_labels; batch_size counts
+    CAPTCHAs, so for the book's model a batch holds 4 * batch_size slices. char_to_index_dict and
+    n_classes are accepted for the book's calls, but the classes always come from the format's
+    alphabet (the book's: CHARSET, the order that create_dict_char_to_index gives). Without a
+    format, the book's is read at dim.
+    """
+
+    def __init__(self, dest, char_to_index_dict=None, batch_size=32, n_classes=36,
+                 dim=BOOK_DIM, shuffle=True, seed=None, arch="book", captcha_format=None,
+                 skip_bad_labels=False, **kwargs):
+        captcha_format = captcha_format or replace(
+            BOOK_FORMAT, **dict(zip(("height", "width", "channels"), dim)))
+        files = fitting_files(list_captchas(dest), captcha_format, skip_bad_labels)
+        images, labels = load_captchas(files, captcha_format)
+        inputs, labels = arch_view(arch, images, labels)
+        super().__init__(inputs, labels, batch_size * (len(inputs) // len(images)), shuffle, seed, **kwargs)
+
+
+# ## Fresh CAPTCHAs
+#
+# `train --fresh N` trains on N CAPTCHAs that the generator draws in memory instead of a folder's,
+# and `--redraw F` replaces the oldest fraction F of them with new ones every epoch, so the model
+# keeps meeting CAPTCHAs it has never seen (F = 1 is a fresh set every epoch). Worker processes draw
+# them at the lowest priority while the model trains, so they take only the CPU that training leaves
+# idle; an epoch whose redraw is not done waits for it at its end. The same seed draws the same
+# CAPTCHAs in the same order, whatever the timing.
+
+
+def renderer_pool(workers):
+    """Worker processes at the lowest priority that import the generator and not this script.
+    spawn, not fork, since TensorFlow's threads are running; and a spawned worker imports the main
+    script first unless it has no file, which here would cost each worker TensorFlow's 800 MB."""
+    main = sys.modules["__main__"]
+    main_file = main.__dict__.pop("__file__", None)
+    try:
+        return multiprocessing.get_context("spawn").Pool(workers, initializer=os.nice, initargs=(19,))
+    finally:
+        if main_file is not None:
+            main.__file__ = main_file
+
+
+class FreshCaptchas(InMemoryBatches):
+    """A pool of pool_size CAPTCHAs of a CaptchaGenerator design, redrawn in part every epoch.
+    With epochs_done, the pool and its order are those that a run would hold after that many
+    epochs: each slot is drawn from the redraw that wrote it last, so it costs one pool's drawing."""
+
+    def __init__(self, design, pool_size, redraw, epochs, captcha_format, batch_size, arch="whole",
+                 seed=None, workers=None, epochs_done=0):
+        self.design, self.format, self.arch = design, captcha_format, arch
+        self.seeds = np.random.SeedSequence(seed)
+        self.redraw_size = round(redraw * pool_size)
+        redrawn = min(epochs_done, epochs - 1) if self.redraw_size else 0
+        self.redraws_left = epochs - 1 - redrawn if self.redraw_size else 0
+        self.next_slot = redrawn * self.redraw_size % pool_size
+        self.pending, self.waits = None, []
+        self.renderers = renderer_pool(workers or os.cpu_count())
+        texts, jobs = self.pool_jobs(pool_size, redrawn)
+        drawing = self.renderers.imap(rendered_input, jobs, chunksize=64)
+        images = np.stack(list(tqdm(drawing, total=pool_size, desc="drawing CAPTCHAs", unit="img",
+                                    disable=None)))
+        inputs, labels = arch_view(arch, images, self.encoded(texts))
+        self.per_captcha = len(inputs) // pool_size
+        super().__init__(inputs, labels, batch_size * self.per_captcha, True, seed)
+        self.replay(epochs_done)
+        self.pending = self.start_redraw()
+
+    def pool_jobs(self, pool_size, redrawn):
+        """The texts and jobs of the pool after `redrawn` redraws: slot by slot, the last to write it."""
+        writer, index = np.zeros(pool_size, int), np.arange(pool_size)
+        for redraw in range(1, redrawn + 1):
+            slots = ((redraw - 1) * self.redraw_size + np.arange(self.redraw_size)) % pool_size
+            writer[slots], index[slots] = redraw, np.arange(self.redraw_size)
+        drawn = [self.new_jobs(n) for n in [pool_size] + [self.redraw_size] * redrawn]
+        texts = [drawn[w][0][i] for w, i in zip(writer, index)]
+        return texts, [drawn[w][1][i] for w, i in zip(writer, index)]
+
+    def new_jobs(self, n):
+        texts, render_seeds = drawn_texts(self.design, n, self.seeds.spawn(1)[0])
+        return texts, [(self.design, text, s, self.format.dim) for text, s in zip(texts, render_seeds)]
+
+    def encoded(self, texts):
+        return encode_labels([self.format.normalised(text) for text in texts], self.format)
+
+    def start_redraw(self):
+        if self.redraws_left <= 0 or not self.redraw_size:
+            return None
+        self.redraws_left -= 1
+        texts, jobs = self.new_jobs(self.redraw_size)
+        return texts, self.renderers.map_async(rendered_input, jobs, chunksize=64)
+
+    def on_epoch_end(self):
+        self.last_wait = 0.0
+        if self.pending:
+            texts, drawing = self.pending
+            started = time.perf_counter()
+            images = np.stack(drawing.get())
+            self.last_wait = time.perf_counter() - started
+            self.waits.append(self.last_wait)
+            self.replace(*arch_view(self.arch, images, self.encoded(texts)))
+            self.pending = self.start_redraw()
+        super().on_epoch_end()
+
+    def replace(self, inputs, labels):
+        """The oldest CAPTCHAs of the pool give way to new ones, round the pool like a ring."""
+        pool_size = len(self.labels) // self.per_captcha
+        slots = (self.next_slot + np.arange(len(inputs) // self.per_captcha)) % pool_size
+        self.next_slot = (slots[-1] + 1) % pool_size
+        rows = (slots[:, None] * self.per_captcha + np.arange(self.per_captcha)).reshape(-1)
+        self.inputs[rows], self.labels[rows] = inputs, labels
+
+    def close(self):
+        self.renderers.terminate()
 
 
 # ## Models
@@ -394,13 +488,81 @@ def arch_shapes(captcha_format):
 
 
 class EpochSeconds(keras.callbacks.Callback):
-    """Adds each epoch's wall time to the logs, so the history CSV records it."""
+    """Adds each epoch's wall time to the logs, so the history CSV records it, and with fresh
+    CAPTCHAs the seconds that the epoch's end waited for their redraw."""
+
+    def __init__(self, fresh=None):
+        super().__init__()
+        self.fresh = fresh
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         logs["seconds"] = time.perf_counter() - self.start
+        if self.fresh is not None:
+            logs["redraw_wait_seconds"] = self.fresh.last_wait
+
+
+# Every epoch, train keeps what it needs to go on after an interruption, each file replaced whole:
+# the weights, the optimizer's step count and moments (so the schedule goes on where it was), the
+# random states, and the epochs done. `--resume True`, with the same command line, goes on from
+# them, shuffling the data, and drawing fresh CAPTCHAs, as the run would have had it not stopped.
+# Keras draws each epoch's batch order from Python's `random`, so its state is kept too.
+
+CHECKPOINT_WEIGHTS, CHECKPOINT_VARIABLES, CHECKPOINT_STATE = (
+    "checkpoint.weights.h5", "checkpoint_optimizer_and_random.npz", "checkpoint.json")
+
+
+def resumable_variables(model):
+    """The optimizer's state, and that of the random layers (augmentation, dropout), which the
+    weights file leaves out: without it a resumed run would draw other shifts than the run's."""
+    random_states = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    return {**optimizer_state({"optimizer": model.optimizer}),
+            **{f"random_{i}": v for i, v in enumerate(random_states)}}
+
+
+class Checkpoint(keras.callbacks.Callback):
+    def __init__(self, outdir):
+        super().__init__()
+        self.outdir = outdir
+
+    def on_epoch_end(self, epoch, logs=None):
+        with atomic_path(self.outdir / CHECKPOINT_WEIGHTS) as temporary:
+            self.model.save_weights(temporary)
+        save_variables(resumable_variables(self.model), self.outdir / CHECKPOINT_VARIABLES)
+        with atomic_path(self.outdir / CHECKPOINT_STATE) as temporary:
+            temporary.write_text(json.dumps({"epochs_done": epoch + 1, "python_random": random.getstate()}))
+
+
+def epochs_done_in(outdir, epochs):
+    """The epochs that outdir's checkpoint has done, fewer than epochs; else a one-line error."""
+    path = Path(outdir) / CHECKPOINT_STATE
+    if not path.is_file():
+        raise CaptchaError(f"cannot resume: there is no {path}")
+    done = json.loads(path.read_text())["epochs_done"]
+    if done >= epochs:
+        raise CaptchaError(f"{outdir} has done {done} epochs already: give --epochs above {done} to go on")
+    return done
+
+
+def restore_checkpoint(model, outdir):
+    try:
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(outdir / CHECKPOINT_WEIGHTS)
+        load_variables(resumable_variables(model), outdir / CHECKPOINT_VARIABLES)
+        version, state, gauss = json.loads((outdir / CHECKPOINT_STATE).read_text())["python_random"]
+        random.setstate((version, tuple(state), gauss))
+    except Exception as error:  # Keras and numpy raise several kinds for a file that doesn't fit
+        raise CaptchaError(f"cannot resume from {outdir}: its checkpoint does not fit this model "
+                           f"(--arch, --filters, --dim, --charset?): {error}".splitlines()[0]) from None
+
+
+def history_until(path, epochs_done):
+    """history.csv cut to the epochs a checkpoint holds: an interrupted epoch may have logged its row."""
+    history = pd.read_csv(path)
+    with atomic_path(path) as temporary:
+        history[history.epoch < epochs_done].to_csv(temporary, index=False)
 
 
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -540,10 +702,26 @@ def float32_model(model, arch, captcha_format, filters):
     return copy
 
 
-def train(dest_train, dest_val, outdir, batch_size=16, n_classes=None, dim=None,
+def fresh_design(fresh, redraw, dest_train, generator, width, height, font, charset, length, mix):
+    """The CaptchaGenerator design that --fresh draws from, or None where --dest_train is read."""
+    if fresh is None:
+        if redraw:
+            raise CaptchaError("--redraw replaces CAPTCHAs drawn by --fresh: give --fresh N too")
+        if dest_train is None:
+            raise CaptchaError("give --dest_train, a folder of CAPTCHAs, or --fresh N to draw N in memory")
+        return None
+    if dest_train is not None:
+        raise CaptchaError("give --dest_train or --fresh, not both")
+    checked_whole_number("fresh", fresh, 1)
+    checked_number("redraw", redraw, 0, 1)
+    return captcha_design(generator, font, width, height, charset, length, mix)
+
+
+def train(dest_train=None, dest_val=None, outdir=None, batch_size=16, n_classes=None, dim=None,
           shuffle=True, epochs=20, lr=1e-3, schedule="constant", patience=None, seed=None,
           arch="book", charset=None, length=None, case_sensitive=False, skip_bad_labels=False,
-          filters=WHOLE_FILTERS, distribute=False, recipe="book"):
+          filters=WHOLE_FILTERS, distribute=False, recipe="book", fresh=None, redraw=0.0,
+          generator="claptcha", width=None, height=None, font=None, mix=None, resume=False):
     """Train a breaker (the book's by default); writes captcha_breaker.keras, history.csv and
     curves.png to outdir. The format is the book's for --arch book; for --arch whole or ctc, --charset
     (a name: digits, upper, lower, alnum_upper, alnum_lower, alnum; or the characters), --length
@@ -554,31 +732,65 @@ def train(dest_train, dest_val, outdir, batch_size=16, n_classes=None, dim=None,
     device (GPUs, else CPUs): each batch of batch_size is one global batch split evenly across
     them, so lr means what it means on one device. --recipe fast replaces batch size, learning
     rate, schedule, epochs (and the whole-image model's --filters) with the fastest recipe found
-    here for the architecture."""
+    here for the architecture.
+
+    --fresh N trains on N CAPTCHAs drawn in memory instead of --dest_train's, by the generator that
+    --generator, --width, --height, --font, --mix, --charset and --length choose (CaptchaGenerator's
+    options and defaults), and --redraw F replaces a fraction F of them with new ones every epoch.
+
+    Every epoch leaves a checkpoint in outdir; --resume True goes on from it."""
     batch_size, lr, epochs, schedule, filters, policy = recipe_settings(
         recipe, arch, batch_size, lr, epochs, schedule, filters)
     _checked_settings(schedule, arch)
-    train_files = list_captchas(dest_train)
-    captcha_format = training_format([label_from_filename(f) for f in train_files], arch, charset,
-                                     length, dim, case_sensitive, n_classes)
+    if dest_val is None or outdir is None:
+        raise CaptchaError("train needs --dest_val, a folder of validation CAPTCHAs, and --outdir")
+    design = fresh_design(fresh, redraw, dest_train, generator, width, height, font,
+                          "alnum_upper" if charset is None else charset,
+                          CAPTCHA_LENGTH if length is None else length, mix)
+    if design is None:
+        train_files = list_captchas(dest_train)
+        labels, image_sizes = [label_from_filename(f) for f in train_files], image_sizes_of(train_files)
+    else:
+        labels, image_sizes = [], [(design.width, design.height)]
+        charset, length = design.charset, "-".join(map(str, design.lengths))
+        if (val_sizes := image_sizes_of(list_captchas(dest_val))) != image_sizes:
+            raise CaptchaError(f"--dest_val holds CAPTCHAs of {', '.join(f'{w}x{h}' for w, h in val_sizes)}, "
+                               f"but --fresh draws {design.width}x{design.height}: give the generator's "
+                               "--width and --height that drew them")
+    captcha_format = training_format(labels, arch, charset, length, dim, case_sensitive, n_classes)
+    epochs_done = epochs_done_in(outdir, epochs) if resume else 0
     outdir = ensure_dir(outdir)
     if seed is not None:
         keras.utils.set_random_seed(seed)
     data = dict(arch=arch, captcha_format=captcha_format, skip_bad_labels=skip_bad_labels)
-    train_generator = DataGenerator(dest_train, batch_size=batch_size, shuffle=shuffle, seed=seed, **data)
     val_generator = DataGenerator(dest_val, batch_size=batch_size, shuffle=False, **data)
+    if design is not None:
+        train_generator = FreshCaptchas(design, fresh, redraw, epochs, captcha_format, batch_size, arch, seed,
+                                        epochs_done=epochs_done)
+    else:
+        train_generator = DataGenerator(dest_train, batch_size=batch_size, shuffle=shuffle, seed=seed, **data)
+        train_generator.replay(epochs_done)
     learning_rate = _learning_rate(lr, schedule, epochs, len(train_generator))
-    callbacks = [EpochSeconds(), keras.callbacks.CSVLogger(str(outdir / "history.csv"))]
+    callbacks = [EpochSeconds(train_generator if design else None),
+                 keras.callbacks.CSVLogger(str(outdir / "history.csv"), append=bool(epochs_done)),
+                 Checkpoint(outdir)]
     if patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_accuracy", patience=patience, restore_best_weights=True))
-    with training_devices(distribute, batch_size):
-        model = build_model(arch, captcha_format, learning_rate, filters, policy)
-        history = model.fit(train_generator, epochs=epochs, validation_data=val_generator,
-                            callbacks=callbacks, verbose=progress_verbosity())
+    try:
+        with training_devices(distribute, batch_size):
+            model = build_model(arch, captcha_format, learning_rate, filters, policy)
+            if epochs_done:
+                restore_checkpoint(model, outdir)
+                history_until(outdir / "history.csv", epochs_done)
+            model.fit(train_generator, epochs=epochs, initial_epoch=epochs_done,
+                      validation_data=val_generator, callbacks=callbacks, verbose=progress_verbosity())
+    finally:
+        if design is not None:
+            train_generator.close()
     save_breaker(float32_model(model, arch, captcha_format, filters), captcha_format, outdir / MODEL_FILE,
-                 image_sizes_of(train_files))
-    plot_history(pd.DataFrame(history.history), outdir / "curves.png",
+                 image_sizes)
+    plot_history(pd.read_csv(outdir / "history.csv"), outdir / "curves.png",
                  "whole-CAPTCHA" if arch == "ctc" else "per-character")
     print(f"Model written at: {outdir / MODEL_FILE}")
 

@@ -31,16 +31,20 @@ def scores(S, model, arch, captcha_format, images, labels):
     right = [text == label for text, label in zip(texts, labels)]
     twice = [r for r, label in zip(right, labels) if doubled(label)]
     wrong_length = sum(len(text) != len(label) for text, label in zip(texts, labels))
+    swaps = [(a, b) for text, label in zip(texts, labels) if len(text) == len(label)
+             for a, b in zip(text, label) if a != b]
+    o_zero = sum({a, b} == {"O", "0"} for a, b in swaps)
     return {"whole": sum(right) / len(right), "doubled": sum(twice) / max(len(twice), 1),
-            "doubled_n": len(twice), "wrong_length": wrong_length / len(labels), "read_per_s": per_second}
+            "doubled_n": len(twice), "wrong_length": wrong_length / len(labels), "read_per_s": per_second,
+            "wrong_chars": len(swaps), "o_zero": o_zero}
 
 
-def contestant(S, keras, name, data, epochs, budget_s, batch, lr, filters, seed):
+def contestant(S, keras, name, data, epochs, budget_s, batch, lr, filters, seed, dim=None):
     arch = "whole" if name == "heads" else "ctc"
     S.CTC_WIDTH_POOLS = 1 if name == "ctc, 2 px columns" else 2
     files = {split: S.list_captchas(Path(data) / split) for split in ("train", "val", "test")}
     labels = {split: [S.label_from_filename(f) for f in found] for split, found in files.items()}
-    captcha_format = S.training_format(labels["train"], arch, None, None, None, False, None)
+    captcha_format = S.training_format(labels["train"], arch, None, None, dim, False, None)
     keras.utils.set_random_seed(seed)
     train = S.DataGenerator(Path(data) / "train", batch_size=batch, seed=seed, arch=arch,
                             captcha_format=captcha_format)
@@ -70,7 +74,8 @@ def contestant(S, keras, name, data, epochs, budget_s, batch, lr, filters, seed)
 
 
 def main(data="data/ctc", epochs=6, budget_s=600, batch=64, lr=4e-3, filters="16,32,64,96", seed=0,
-         only=None):
+         only=None, dim=None):
+    """dim, (height, width, channels), reads every contestant at that input; by default 40x100 grayscale."""
     from captcha_common import start_keras
     start_keras([])
     import keras
@@ -78,14 +83,16 @@ def main(data="data/ctc", epochs=6, budget_s=600, batch=64, lr=4e-3, filters="16
     import captcha_solver as S
     widths = tuple(int(f) for f in str(filters).strip("()").split(","))
     names = ["heads", "ctc, 4 px columns", "ctc, 2 px columns"]
-    rows = [contestant(S, keras, name, data, epochs, budget_s, batch, lr, widths, seed)
+    rows = [contestant(S, keras, name, data, epochs, budget_s, batch, lr, widths, seed, dim)
             for name in names if only is None or name == only]
+    print(f"input: {dim or 'the default, (40, 100, 1)'}")
     print("| contestant | parameters | training | test whole | doubled-letter whole | wrong length "
-          "| reads a second |\n| --- | --- | --- | --- | --- | --- | --- |")
+          "| reads a second | O/0 among wrong characters |\n" + "| --- " * 8 + "|")
     for row in rows:
         print(f"| {row['name']} | {row['params']:,} | {row['seconds']:.0f} s, {row['epochs']} epochs "
               f"| {row['whole']:.2%} | {row['doubled']:.2%} (n = {row['doubled_n']}) "
-              f"| {row['wrong_length']:.2%} | {row['read_per_s']:.0f} |")
+              f"| {row['wrong_length']:.2%} | {row['read_per_s']:.0f} "
+              f"| {row['o_zero']} of {row['wrong_chars']} |")
 
 
 fire.Fire(main)

@@ -33,6 +33,7 @@ from captcha_solver import (
     training_format,
     whole_image_model,
 )
+from CaptchaGenerator import captcha_design, drawn_texts, rendered_input
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -361,6 +362,8 @@ def test_bad_input_on_the_command_line_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: no model file")
 
 
+# A batch of 20 splits the 100 training and 40 validation CAPTCHAs evenly: a last, smaller batch
+# would make JAX compile each step a second time, which for the CRNN's GRU and CTC loss takes long.
 @pytest.mark.parametrize("arch", ["book", "whole", "ctc"])
 def test_the_jax_backend_trains_and_evaluates(arch, captchas, tmp_path):
     env = {**os.environ, "KERAS_BACKEND": "jax"}
@@ -368,7 +371,7 @@ def test_the_jax_backend_trains_and_evaluates(arch, captchas, tmp_path):
     script, captcha_dir = str(REPO / "captcha_solver.py"), captchas / "test"
     result = subprocess.run([sys.executable, script, "train", "--dest_train", str(captchas / "val"),
                              "--dest_val", str(captcha_dir), "--outdir", str(tmp_path), "--epochs", "1",
-                             "--arch", arch],
+                             "--batch_size", "20", "--arch", arch],
                             **common)
     assert result.returncode == 0, result.stderr
     result = subprocess.run([sys.executable, script, "evaluate", "--model_path",
@@ -905,3 +908,120 @@ def test_training_ctc_on_an_input_too_narrow_writes_nothing(captchas, tmp_path):
     with pytest.raises(CaptchaError, match="--arch ctc reads a 25-pixel-wide input as 6 columns"):
         train(captchas / "val", captchas / "val", tmp_path / "out", arch="ctc", dim=(40, 25, 1))
     assert not (tmp_path / "out").exists()
+
+
+# ## Fresh CAPTCHAs
+
+
+def fresh_pool(arch, seed, epochs_done=0):
+    """Ten CAPTCHAs, four of them redrawn after each of the first two of three epochs."""
+    design = captcha_design() if arch == "book" else captcha_design("captcha", width=100, height=40)
+    return design, captcha_solver.FreshCaptchas(design, 10, 0.4, 3, BOOK_FORMAT, 4, arch, seed, workers=1,
+                                                epochs_done=epochs_done)
+
+
+@pytest.mark.parametrize("arch", ["whole", "book"])
+def test_fresh_captchas_are_drawn_by_the_seed_and_the_oldest_give_way(arch):
+    design, pool = fresh_pool(arch, seed=3)
+    _, twin = fresh_pool(arch, seed=3)
+    try:
+        texts, seeds = drawn_texts(design, 10, np.random.SeedSequence(3).spawn(1)[0])
+        first = rendered_input((design, texts[0], seeds[0], BOOK_FORMAT.dim))
+        per = 4 if arch == "book" else 1  # the book's network reads four slices a CAPTCHA
+        np.testing.assert_array_equal(pool.inputs[:per], cut_slices(first[None]) if per == 4 else first[None])
+        assert decode(np.eye(len(CHARSET))[pool.labels.reshape(10, -1)], BOOK_FORMAT) == texts
+        history = [pool.inputs.copy()]
+        for _ in range(3):
+            pool.on_epoch_end()
+            twin.on_epoch_end()
+            history.append(pool.inputs.copy())
+            np.testing.assert_array_equal(pool.inputs, twin.inputs)
+        changed = [np.flatnonzero((after != before).reshape(10, -1).any(axis=1)).tolist()
+                   for before, after in zip(history, history[1:])]
+        assert changed == [[0, 1, 2, 3], [4, 5, 6, 7], []]  # a ring; none after the last epoch
+        assert len(pool.waits) == 2
+    finally:
+        pool.close()
+        twin.close()
+
+
+def test_train_on_fresh_captchas_records_the_redraws_wait(tmp_path):
+    from CaptchaGenerator import generate_captcha
+
+    generate_captcha(tmp_path / "val", num_captchas=16, generator="captcha", width=100, height=40,
+                     seed=5, workers=1)
+    train(dest_val=tmp_path / "val", outdir=tmp_path / "run", fresh=32, redraw=0.5, generator="captcha",
+          width=100, height=40, arch="whole", batch_size=16, epochs=2, seed=0)
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert len(history) == 2 and (history.redraw_wait_seconds >= 0).all()
+    breaker = load_breaker(tmp_path / "run" / "captcha_breaker.keras")
+    assert breaker.image_sizes == ((100, 40),) and breaker.captcha_format.charset == CHARSET
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(fresh=10, dest_train="somewhere"), "give --dest_train or --fresh, not both"),
+    (dict(redraw=0.5), "--redraw replaces CAPTCHAs drawn by --fresh"),
+    (dict(fresh=0), "--fresh must be a whole number of 1 or more"),
+    (dict(fresh=10, redraw=1.5), r"--redraw must be a number within \[0, 1\]"),
+    (dict(fresh=10, width=170, height=80), "claptcha draws 200x80 only, not 170x80"),
+    (dict(fresh=10, generator="captcha", width=8), "--width must be a whole number of 16"),
+    (dict(fresh=10, generator="captcha"), "--dest_val holds CAPTCHAs of 200x80, but --fresh draws 160x60"),
+])
+def test_fresh_captchas_the_generator_cannot_draw_are_refused(options, message, captchas, tmp_path):
+    options.setdefault("dest_train", None)
+    with pytest.raises(CaptchaError, match=message):
+        train(dest_val=captchas / "test", outdir=tmp_path / "out", arch="whole", **options)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("epochs_done", [1, 2])
+def test_fresh_captchas_resumed_are_the_pool_and_order_the_run_had(epochs_done):
+    _, run = fresh_pool("whole", seed=4)
+    _, resumed = fresh_pool("whole", seed=4, epochs_done=epochs_done)
+    try:
+        for _ in range(epochs_done):
+            run.on_epoch_end()
+        np.testing.assert_array_equal(resumed.inputs, run.inputs)
+        np.testing.assert_array_equal(resumed.labels, run.labels)
+        np.testing.assert_array_equal(resumed.order, run.order)
+        run.on_epoch_end()
+        resumed.on_epoch_end()  # the redraw after the resumed epoch is the run's too
+        np.testing.assert_array_equal(resumed.inputs, run.inputs)
+    finally:
+        run.close()
+        resumed.close()
+
+
+# ## Checkpoints
+
+
+def test_a_resumed_run_ends_where_the_whole_run_does(captchas, tmp_path):
+    settings = dict(arch="whole", filters=(8, 16, 16, 16), batch_size=32, lr=2e-3, seed=0)
+    train(captchas / "val", captchas / "test", tmp_path / "whole", epochs=2, **settings)
+    train(captchas / "val", captchas / "test", tmp_path / "halves", epochs=1, **settings)
+    history = tmp_path / "halves" / "history.csv"
+    logged = pd.read_csv(history)
+    pd.concat([logged, logged.assign(epoch=1)]).to_csv(history, index=False)  # epoch 2 stopped after its row
+    train(captchas / "val", captchas / "test", tmp_path / "halves", epochs=2, resume=True, **settings)
+    whole, halves = (load_breaker(tmp_path / run / "captcha_breaker.keras").model
+                     for run in ("whole", "halves"))
+    for ours, theirs in zip(halves.get_weights(), whole.get_weights()):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+    resumed_history = pd.read_csv(history)
+    assert resumed_history.epoch.tolist() == [0, 1]
+    np.testing.assert_allclose(resumed_history.loss, pd.read_csv(tmp_path / "whole" / "history.csv").loss,
+                               rtol=1e-4)
+
+
+def test_resuming_what_cannot_go_on_is_one_line(captchas, tmp_path):
+    settings = dict(arch="whole", filters=(8, 16, 16, 16), batch_size=32, seed=0)
+    with pytest.raises(CaptchaError, match="cannot resume: there is no"):
+        train(captchas / "test", captchas / "test", tmp_path, epochs=1, resume=True, **settings)
+    train(captchas / "test", captchas / "test", tmp_path, epochs=1, **settings)
+    with pytest.raises(CaptchaError, match="has done 1 epochs already: give --epochs above 1"):
+        train(captchas / "test", captchas / "test", tmp_path, epochs=1, resume=True, **settings)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(CaptchaError, match="its checkpoint does not fit this model"):
+        train(captchas / "test", captchas / "test", tmp_path, epochs=2, resume=True,
+              **{**settings, "filters": (8, 16, 16, 32)})
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
