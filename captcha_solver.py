@@ -654,21 +654,27 @@ FAST_RECIPES = {
     "book": {"batch_size": 32, "lr": 3e-3, "schedule": "onecycle", "epochs": 6},
     "whole": {"batch_size": 64, "lr": 4e-3, "schedule": "onecycle", "epochs": 3,
               "filters": (16, 32, 64, 96)},
+    "ctc": {"batch_size": 64, "lr": 4e-3, "schedule": "onecycle", "epochs": 6,
+            "filters": (16, 32, 64, 96)},
 }
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 RECIPES = ("book", "fast")
 
 
-def recipe_settings(recipe, arch, batch_size, lr, epochs, schedule, filters=WHOLE_FILTERS):
-    """(batch_size, lr, epochs, schedule, filters, dtype policy) that a recipe trains arch with."""
+def recipe_settings(recipe, arch, batch_size, lr, epochs, schedule, filters=WHOLE_FILTERS, precision=None):
+    """(batch_size, lr, epochs, schedule, filters, dtype policy) that a recipe trains arch with;
+    precision, if given, overrides the recipe's."""
+    if precision is not None and precision not in PRECISIONS:
+        raise CaptchaError(f"unknown --precision {precision!r}: choose {' or '.join(PRECISIONS)}")
     if recipe == "book":
-        return batch_size, lr, epochs, schedule, filters, "float32"
+        return batch_size, lr, epochs, schedule, filters, PRECISIONS[precision or "float32"]
     if recipe == "fast":
         if arch not in FAST_RECIPES:
             raise CaptchaError(f"--recipe fast has no measured recipe for --arch {arch} yet: give "
                                "--batch_size, --lr, --epochs and --schedule")
         fast = FAST_RECIPES[arch]
         return (fast["batch_size"], fast["lr"], fast["epochs"], fast["schedule"],
-                fast.get("filters", filters), fast_precision())
+                fast.get("filters", filters), PRECISIONS[precision] if precision else fast_precision())
     raise CaptchaError(f"unknown --recipe {recipe!r}: choose {' or '.join(RECIPES)}")
 
 
@@ -721,7 +727,8 @@ def train(dest_train=None, dest_val=None, outdir=None, batch_size=16, n_classes=
           shuffle=True, epochs=20, lr=1e-3, schedule="constant", patience=None, seed=None,
           arch="book", charset=None, length=None, case_sensitive=False, skip_bad_labels=False,
           filters=WHOLE_FILTERS, distribute=False, recipe="book", fresh=None, redraw=0.0,
-          generator="claptcha", width=None, height=None, font=None, mix=None, resume=False):
+          generator="claptcha", width=None, height=None, font=None, mix=None, resume=False,
+          precision=None):
     """Train a breaker (the book's by default); writes captcha_breaker.keras, history.csv and
     curves.png to outdir. The format is the book's for --arch book; for --arch whole or ctc, --charset
     (a name: digits, upper, lower, alnum_upper, alnum_lower, alnum; or the characters), --length
@@ -732,7 +739,8 @@ def train(dest_train=None, dest_val=None, outdir=None, batch_size=16, n_classes=
     device (GPUs, else CPUs): each batch of batch_size is one global batch split evenly across
     them, so lr means what it means on one device. --recipe fast replaces batch size, learning
     rate, schedule, epochs (and the whole-image model's --filters) with the fastest recipe found
-    here for the architecture.
+    here for the architecture, and its precision: mixed bfloat16 where the CPU computes it
+    natively, else float32. --precision float32 or bfloat16 overrides the recipe's.
 
     --fresh N trains on N CAPTCHAs drawn in memory instead of --dest_train's, by the generator that
     --generator, --width, --height, --font, --mix, --charset and --length choose (CaptchaGenerator's
@@ -740,7 +748,7 @@ def train(dest_train=None, dest_val=None, outdir=None, batch_size=16, n_classes=
 
     Every epoch leaves a checkpoint in outdir; --resume True goes on from it."""
     batch_size, lr, epochs, schedule, filters, policy = recipe_settings(
-        recipe, arch, batch_size, lr, epochs, schedule, filters)
+        recipe, arch, batch_size, lr, epochs, schedule, filters, precision)
     _checked_settings(schedule, arch)
     if dest_val is None or outdir is None:
         raise CaptchaError("train needs --dest_val, a folder of validation CAPTCHAs, and --outdir")

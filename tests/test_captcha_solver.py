@@ -899,9 +899,16 @@ def test_ctc_refuses_an_input_too_narrow_for_a_blank_between_doubled_letters(opt
         training_format(["AB12"], "ctc", **settings)
 
 
-def test_the_fast_recipe_says_it_has_no_ctc_recipe_yet():
-    with pytest.raises(CaptchaError, match="no measured recipe for --arch ctc"):
-        captcha_solver.recipe_settings("fast", "ctc", 16, 1e-3, 20, "constant")
+def test_the_fast_recipe_for_ctc_is_the_measured_one_and_precision_overrides_any_recipe(monkeypatch):
+    monkeypatch.setattr(captcha_solver, "fast_precision", lambda: "mixed_bfloat16")
+    assert captcha_solver.recipe_settings("fast", "ctc", 16, 1e-3, 20, "constant") == (
+        64, 4e-3, 6, "onecycle", (16, 32, 64, 96), "mixed_bfloat16")
+    *_, policy = captcha_solver.recipe_settings("fast", "ctc", 16, 1e-3, 20, "constant", precision="float32")
+    assert policy == "float32"
+    assert captcha_solver.recipe_settings("book", "ctc", 16, 1e-3, 20, "constant", precision="bfloat16") == (
+        16, 1e-3, 20, "constant", captcha_solver.WHOLE_FILTERS, "mixed_bfloat16")
+    with pytest.raises(CaptchaError, match="unknown --precision 'half': choose float32 or bfloat16"):
+        captcha_solver.recipe_settings("book", "ctc", 16, 1e-3, 20, "constant", precision="half")
 
 
 def test_training_ctc_on_an_input_too_narrow_writes_nothing(captchas, tmp_path):
