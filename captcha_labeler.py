@@ -56,6 +56,7 @@ from captcha_common import (
     CaptchaError,
     atomic_path,
     checked_whole_number,
+    decoded,
     digit_windows,
     ensure_dir,
     is_file_name_label,
@@ -499,7 +500,6 @@ def read_images(reader, records):
 def judge_readings(judge, records):
     """What the house-number judge reads in each record's image, digit by digit, with its confidence."""
     import gan_score
-    from captcha_solver import decoded
 
     windows = [judge_windows(decoded(record.data, grayscale=False), record.source) for record in records]
     return gan_score.house_number_readings(judge, windows)
