@@ -386,6 +386,13 @@ def progress_verbosity():
     return 1 if sys.stdout.isatty() else 2
 
 
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name, which every reported timing names."""
+    with open(cpuinfo) as lines:
+        return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                    "unknown CPU")
+
+
 # ## A quiet start
 #
 # TensorFlow writes its start-up lines (oneDNN, "Could not find cuda drivers", "failed call to

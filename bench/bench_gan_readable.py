@@ -33,7 +33,7 @@ import fire
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.variants import peak_mib  # noqa: E402
-from captcha_common import atomic_path, ensure_dir, save_figure, start_keras, subplots  # noqa: E402
+from captcha_common import atomic_path, cpu_model, ensure_dir, save_figure, start_keras, subplots  # noqa: E402
 
 CONTESTANTS = {1: "book recipe", 2: "fast recipe", 3: "fast recipe, conditional"}
 BOOK_RECIPE = {"arch": "book", "batch_size": 100, "gen_lr": 1e-4, "dis_lr": 1e-3, "gen_beta1": 0.5,
@@ -233,9 +233,7 @@ def main(num_train=40000, num_heldout=10000, num_images=10000, score_every=500, 
                   f"training", flush=True)
     outdir = ensure_dir(outdir)
     plot(rows, outdir / "gan_readable.png")
-    with open("/proc/cpuinfo") as cpuinfo:
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-                   "unknown CPU")
+    cpu = cpu_model()
     report = (f"bench_gan_readable on {os.cpu_count()} cores ({cpu}): {num_train} SYNTHETIC training "
               f"house numbers (style {style}), {num_heldout} held-out of seed {seed + 1}, N = {num_images}, "
               f"scored every {score_every} steps, cap {cap_s:.0f} s per contestant, seed {seed}; generating "

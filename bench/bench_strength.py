@@ -23,7 +23,7 @@ import fire
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from captcha_common import atomic_path, ensure_dir, save_figure, start_keras, subplots  # noqa: E402
+from captcha_common import atomic_path, cpu_model, ensure_dir, save_figure, start_keras, subplots  # noqa: E402
 
 FAMILIES = ("claptcha", "ImageCaptcha", "GAN house numbers")
 
@@ -95,9 +95,7 @@ def main(sizes=(500, 2000, 8000), num_val=500, num_eval=1000, epochs=10, schedul
                 print(f"{family}, N = {size}: {results[family, size][0]:.1%}", flush=True)
     outdir = ensure_dir(outdir)
     plot(results, sizes, outdir / "strength.png")
-    with open("/proc/cpuinfo") as cpuinfo:
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-                   "unknown CPU")
+    cpu = cpu_model()
     report = (f"bench_strength on {os.cpu_count()} cores ({cpu}), sizes {sizes}, {num_val} validation "
               f"and {num_eval} fresh evaluation CAPTCHAs per family\n\n"
               f"{table(results, sizes, epochs, schedule, num_eval)}\n")

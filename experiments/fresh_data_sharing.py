@@ -23,17 +23,16 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from captcha_common import cpu_model  # noqa: E402
 from CaptchaGenerator import captcha_design, drawn_texts, generate_captcha, rendered_input  # noqa: E402
 
 WIDTH, HEIGHT, DIM = 170, 80, (40, 100, 1)
 
 
 def cpu_line():
-    info = Path("/proc/cpuinfo").read_text()
-    model = re.search(r"model name\s*: (.*)", info).group(1)
-    flags = set(re.search(r"flags\s*: (.*)", info).group(1).split())
+    flags = set(re.search(r"flags\s*: (.*)", Path("/proc/cpuinfo").read_text()).group(1).split())
     wide = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
-    return f"{model}, {os.cpu_count()} cores, {' '.join(wide)}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {' '.join(wide)}"
 
 
 def drawing_rate(workers, n):
