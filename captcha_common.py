@@ -393,6 +393,17 @@ def cpu_model(cpuinfo="/proc/cpuinfo"):
                     "unknown CPU")
 
 
+WIDE_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the speed of our models here
+
+
+def cpu_line(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name, its cores and which of WIDE_FLAGS it has, for an experiment's report."""
+    flags = next((line.split(":", 1)[1].split() for line in Path(cpuinfo).read_text().splitlines()
+                  if line.startswith("flags")), [])
+    wide = " ".join(flag for flag in WIDE_FLAGS if flag in flags)
+    return ", ".join([cpu_model(cpuinfo), f"{os.cpu_count()} cores", *([wide] if wide else [])])
+
+
 # ## A quiet start
 #
 # TensorFlow writes its start-up lines (oneDNN, "Could not find cuda drivers", "failed call to

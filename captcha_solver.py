@@ -958,10 +958,13 @@ def decode(probabilities, captcha_format):
     return texts
 
 
-def ctc_decode(probabilities, captcha_format):
+def ctc_decode(probabilities, captcha_format, beam_width=1):
     """Texts from (N, columns, classes + blank) probabilities, greedily: each column's likeliest
     class, repeats merged, blanks dropped; and each reading's confidence, the probability of that
-    best path (the product of the columns' top probabilities)."""
+    best path (the product of the columns' top probabilities). beam_width > 1 searches that many
+    prefixes instead (ctc_beam_decode)."""
+    if beam_width > 1:
+        return ctc_beam_decode(probabilities, captcha_format, beam_width)
     blank = len(captcha_format.charset)
     codes = probabilities.argmax(axis=-1)
     kept = (codes != blank) & (codes != np.pad(codes[:, :-1], ((0, 0), (1, 0)), constant_values=blank))
@@ -969,20 +972,36 @@ def ctc_decode(probabilities, captcha_format):
     return texts, probabilities.max(axis=-1).prod(axis=-1)
 
 
+def ctc_beam_decode(probabilities, captcha_format, beam_width):
+    """The likeliest text of each CAPTCHA summed over all the paths that spell it, as a beam search
+    over beam_width prefixes finds it, and that probability: a text whose paths share the
+    probability among them can beat the single best path (greedy decoding's)."""
+    blank = len(captcha_format.charset)
+    log_probabilities = np.log(np.maximum(probabilities, np.finfo(np.float32).tiny))
+    columns = np.full(len(probabilities), probabilities.shape[1], "int32")
+    codes, scores = ops.ctc_decode(log_probabilities, columns, strategy="beam_search",
+                                   beam_width=beam_width, top_paths=1, mask_index=blank)
+    texts = ["".join(captcha_format.charset[c] for c in row if c >= 0) for row in np.asarray(codes[0])]
+    return texts, np.exp(np.asarray(scores)[:, 0])
+
+
 def read_captchas(breaker, images, batch_size=256):
     """The text of each (N, height, width, channels) uint8 CAPTCHA, batch_size CAPTCHAs at a time."""
     return read_with_confidences(breaker, images, batch_size)[0]
 
 
-def read_with_confidences(breaker, images, batch_size=256):
-    """The text of each CAPTCHA and the probability that the model gives it (sequence_confidences)."""
+def read_with_confidences(breaker, images, batch_size=256, beam_width=1):
+    """The text of each CAPTCHA and the probability that the model gives it (sequence_confidences;
+    a CTC model's decoding takes beam_width, ctc_decode)."""
     inputs, _ = arch_view(breaker.arch, images)
-    x, batch = scale(inputs), batch_size * (len(inputs) // len(images))
-    # predict sets up a dataset on every call (90 ms here); a single batch needs none (4 ms)
-    probabilities = (breaker.model.predict_on_batch(x) if len(x) <= batch
-                     else breaker.model.predict(x, batch_size=batch, verbose=0))
+    batch = batch_size * (len(inputs) // len(images))
+    # Batch by batch, each scaled as it goes: scaling all at once would hold every CAPTCHA in float32
+    # (2 GB for 4,000 at 64x160 colour, and a third of evaluate's time), and predict would set up a
+    # dataset on every call (90 ms here, against 4 ms for predict_on_batch).
+    probabilities = np.concatenate([np.asarray(breaker.model.predict_on_batch(scale(inputs[i:i + batch])))
+                                    for i in range(0, len(inputs), batch)])
     if breaker.arch == "ctc":
-        return ctc_decode(probabilities, breaker.captcha_format)
+        return ctc_decode(probabilities, breaker.captcha_format, beam_width)
     probabilities = probabilities.reshape(len(images), breaker.captcha_format.max_length, -1)
     texts = decode(probabilities, breaker.captcha_format)
     return texts, sequence_confidences(probabilities, texts, breaker.captcha_format)
@@ -1049,10 +1068,11 @@ def checked_confidence(min_confidence):
     return checked_number("min_confidence", min_confidence, 0, 1)
 
 
-def read_images(readers, images, by_shape, min_confidence=None):
+def read_images(readers, images, by_shape, min_confidence=None, beam_width=1):
     """Each image (a path, bytes or an array) read by the readers (by_shape: those that take it),
-    its likeliest reading kept: a DataFrame of predictions, models (file names), confidences and
-    unread (why the answer is '?', else ''); and the images as the first reader's input reads them."""
+    CTC models decoding with beam_width, its likeliest reading kept: a DataFrame of predictions,
+    models (file names), confidences and unread (why the answer is '?', else ''); and the images as
+    the first reader's input reads them."""
     dims = list(dict.fromkeys(reader.captcha_format.dim for reader in readers))
     inputs, sizes = prepared(images, dims)
     count = len(sizes)
@@ -1062,7 +1082,7 @@ def read_images(readers, images, by_shape, min_confidence=None):
         if len(taken) == 0:
             continue
         for index, text, confidence in zip(taken, *read_with_confidences(
-                reader, inputs[reader.captcha_format.dim][taken])):
+                reader, inputs[reader.captcha_format.dim][taken], beam_width=beam_width)):
             if np.isnan(confidences[index]) or confidence > confidences[index]:  # a tie keeps the first
                 texts[index], models[index], confidences[index] = text, reader.name, confidence
     unread = []
@@ -1092,14 +1112,16 @@ def checked_target(file, readers):
     return label
 
 
-def read(image, model_path=None, min_confidence=None):
+def read(image, model_path=None, min_confidence=None, beam_width=1):
     """One CAPTCHA, read as predict reads it: Reading(text, confidence, model). The image is a
     path, encoded bytes (PNG, JPEG...) or a uint8 array, H x W x 3 RGB or H x W grayscale. The
     models of a folder (models/ when model_path is None) are loaded on the first call and kept. An
-    image that no model takes is a CaptchaError saying why."""
+    image that no model takes is a CaptchaError saying why. beam_width > 1: CTC models decode by
+    beam search (ctc_beam_decode)."""
     min_confidence = checked_confidence(min_confidence)
+    beam_width = checked_whole_number("beam_width", beam_width, 1)
     readers, by_shape = readers_for(model_path)
-    readings, _ = read_images(readers, [image], by_shape, min_confidence)
+    readings, _ = read_images(readers, [image], by_shape, min_confidence, beam_width)
     reading = readings.iloc[0]
     if not reading.models:
         raise CaptchaError(reading.unread)
@@ -1109,19 +1131,22 @@ def read(image, model_path=None, min_confidence=None):
 # ## Evaluation and use
 
 
-def evaluate(model_path=None, eval_dest=None, outdir=None, fetch_target=True, min_confidence=None):
+def evaluate(model_path=None, eval_dest=None, outdir=None, fetch_target=True, min_confidence=None,
+             beam_width=1):
     """Read every CAPTCHA in eval_dest; writes evaluation.csv, and with targets a gallery of failures.
     --model_path: a model file reads every CAPTCHA; a folder (models/ when not given) reads each with
     the models that take it, as predict does, and evaluation.csv gains the model chosen, its
     confidence and why a CAPTCHA is unread. Below --min_confidence a reading is '?', unread and
-    wrong. A target is compared as the chosen model's format compares it (case-insensitive ones fold case)."""
+    wrong. A target is compared as the chosen model's format compares it (case-insensitive ones fold
+    case). --beam_width N > 1: CTC models decode by beam search over N prefixes instead of greedily."""
     if eval_dest is None or outdir is None:
         raise CaptchaError("evaluate needs --eval_dest (the folder of CAPTCHAs) and --outdir")
     min_confidence = checked_confidence(min_confidence)
+    beam_width = checked_whole_number("beam_width", beam_width, 1)
     readers, by_shape = readers_for(model_path)
     files = list_captchas(eval_dest)
     labels = [checked_target(f, readers) for f in files] if fetch_target else None
-    readings, images = read_images(readers, files, by_shape, min_confidence)
+    readings, images = read_images(readers, files, by_shape, min_confidence, beam_width)
     outdir = ensure_dir(outdir)
     results = pd.DataFrame({"files": [f.name for f in files], "predictions": readings.predictions})
     detailed = by_shape or min_confidence is not None
@@ -1216,20 +1241,21 @@ def plot_failures(results, images, path, shown=36):
     save_figure(figure, path)
 
 
-def predict(path, model_path=None, min_confidence=None):
+def predict(path, model_path=None, min_confidence=None, beam_width=1):
     """Print the text of one CAPTCHA image, or of every image in a folder. Without --model_path,
     each image is read by every model in models/ that takes it (one trained on images of its
     shape) and the likeliest reading is kept: a line gives the file, the text, the model and its
     confidence, or '?' and why, when no model takes the image or its confidence is below
     --min_confidence. --model_path: a folder of models is read as models/ is; a model file (.keras
-    or .onnx) reads every image, and a line gives the file and the text."""
+    or .onnx) reads every image, and a line gives the file and the text. --beam_width as for evaluate."""
     min_confidence = checked_confidence(min_confidence)
+    beam_width = checked_whole_number("beam_width", beam_width, 1)
     readers, by_shape = readers_for(model_path)
     path = Path(str(path))
     if not path.exists():
         raise CaptchaError(f"no such file or folder: {path}")
     files = list_captchas(path) if path.is_dir() else [path]
-    readings, _ = read_images(readers, files, by_shape, min_confidence)
+    readings, _ = read_images(readers, files, by_shape, min_confidence, beam_width)
     detailed = by_shape or min_confidence is not None
     for file, reading in zip(files, readings.itertuples()):
         fields = [file.name, reading.predictions]

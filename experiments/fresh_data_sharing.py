@@ -9,8 +9,6 @@ From the repository root:
   .venv/bin/python experiments/fresh_data_sharing.py --pool 8000 --epochs 4 --rounds 2
 """
 import multiprocessing
-import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -23,16 +21,10 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from captcha_common import cpu_model  # noqa: E402
+from captcha_common import cpu_line  # noqa: E402
 from CaptchaGenerator import captcha_design, drawn_texts, generate_captcha, rendered_input  # noqa: E402
 
 WIDTH, HEIGHT, DIM = 170, 80, (40, 100, 1)
-
-
-def cpu_line():
-    flags = set(re.search(r"flags\s*: (.*)", Path("/proc/cpuinfo").read_text()).group(1).split())
-    wide = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
-    return f"{cpu_model()}, {os.cpu_count()} cores, {' '.join(wide)}"
 
 
 def drawing_rate(workers, n):

@@ -675,6 +675,16 @@ def test_a_min_confidence_outside_0_to_1_is_refused(two_families, tmp_path, valu
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", [0, 2.5, "wide"])
+def test_a_beam_width_that_is_no_whole_number_of_1_or_more_is_refused(two_families, tmp_path, value):
+    models, folder = two_families
+    with pytest.raises(CaptchaError, match="--beam_width must be a whole number of 1 or more"):
+        predict(folder, model_path=models, beam_width=value)
+    with pytest.raises(CaptchaError, match="--beam_width must be a whole number of 1 or more"):
+        evaluate(models, folder, tmp_path / "out", beam_width=value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_model_file_reads_every_image_and_answers_as_it_did(two_families, tmp_path, capsys):
     models, folder = two_families
     predict(folder, model_path=models / "gray.keras")
@@ -699,9 +709,10 @@ SHIPPED_FAMILIES = {
 
 
 @pytest.fixture(scope="module")
-def shipped_families(tmp_path_factory, font):
+def shipped_families(tmp_path_factory):
     """A few CAPTCHAs of each shipped model's family, in one folder per family and all in one; and
-    copies of the shipped models that record the size of the images each was trained on."""
+    copies of the shipped models that record the size of the images each was trained on. Each
+    family in its own font: claptcha's DancingScript, ImageCaptcha's DroidSansMono."""
     from CaptchaGenerator import main_process
 
     root = tmp_path_factory.mktemp("families")
@@ -713,7 +724,7 @@ def shipped_families(tmp_path_factory, font):
         breaker = load_breaker(captcha_solver.MODELS / name)
         save_breaker(breaker.model, breaker.captcha_format, models / name, image_sizes=[size])
         if name in SHIPPED_FAMILIES:
-            main_process(outdir_test=root / name, num_captchas_test=4, font=font, seed=9000 + k, **options)
+            main_process(outdir_test=root / name, num_captchas_test=4, seed=9000 + k, **options)
             for file in (root / name).iterdir():
                 (mixed / f"{file.stem}_{k}.png").write_bytes(file.read_bytes())
     return root
@@ -730,6 +741,18 @@ def test_each_family_is_read_by_its_own_model(shipped_families, capsys):
         automatic = [printed[f"{file.stem}_{k}.png"] for file in files]
         assert [model for _, model, _ in automatic] == [name] * len(files)
         assert [text for text, _, _ in automatic] == read_captchas(own, images)
+
+
+def test_the_shipped_imagecaptcha_4_model_reads_fresh_captchas_of_its_family(tmp_path):
+    from CaptchaGenerator import main_process
+
+    name = "imagecaptcha_4_alnum_upper.keras"
+    main_process(outdir_test=tmp_path, num_captchas_test=200, seed=9100, **SHIPPED_FAMILIES[name][0])
+    files = list_captchas(tmp_path)
+    breaker = load_breaker(captcha_solver.MODELS / name)
+    images, _ = load_captchas(files, breaker.captcha_format, with_labels=False)
+    texts = read_captchas(breaker, images)
+    assert np.mean([text == captcha_solver.label_from_filename(f) for text, f in zip(texts, files)]) >= 0.95
 
 
 def test_read_takes_a_path_bytes_or_an_array_and_loads_the_models_once(captchas, monkeypatch):
@@ -873,6 +896,18 @@ def test_ctc_decoding_merges_repeats_and_reads_a_doubled_letter_only_across_a_bl
     accuracy = captcha_solver.ctc_greedy_accuracy(2)(encode_labels(["AA", "AA", "BBA", "A"], two),
                                                       column_probabilities(paths, 3))
     assert np.asarray(accuracy).tolist() == [1, 0, 1, 0]
+
+
+def test_beam_decoding_reads_the_text_whose_paths_together_are_likeliest():
+    two = CaptchaFormat("AB", 1, 3, 40, 40, 1, case_sensitive=True)  # blank = 2
+    # Every column's best class is the blank, so the best path spells "" (0.36), but the three paths
+    # that spell "A" (AA, A-, -A) sum to 0.6004; a clear doubled letter reads as greedily.
+    unsure = np.array([[0.38, 0.02, 0.6], [0.38, 0.02, 0.6], [0, 0, 1]], np.float32)
+    probabilities = np.stack([unsure, column_probabilities([[0, 2, 0]], 3)[0]])
+    assert captcha_solver.ctc_decode(probabilities, two)[0] == ["", "AA"]
+    texts, confidences = captcha_solver.ctc_decode(probabilities, two, beam_width=8)
+    assert texts == ["A", "AA"]
+    assert confidences == pytest.approx([0.38 * 0.38 + 2 * 0.38 * 0.6, 0.9 ** 3], rel=1e-4)
 
 
 def test_the_training_accuracy_of_ctc_is_that_of_its_decoding():

@@ -154,3 +154,11 @@ def test_distribute_on_several_hosts_initialises_from_kerass_variables(monkeypat
         assert calls == ["initialize"]
     with training_devices(False, 8):
         assert calls == ["initialize"]
+
+
+def test_the_cpu_line_names_the_model_the_cores_and_the_wide_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: AMD EPYC 9B14\nflags\t\t: fpu sse2 avx2 avx512f amx_tile\n")
+    assert captcha_common.cpu_line(cpuinfo) == f"AMD EPYC 9B14, {os.cpu_count()} cores, avx2 avx512f"
+    cpuinfo.write_text("processor\t: 0\n")
+    assert captcha_common.cpu_line(cpuinfo) == f"unknown CPU, {os.cpu_count()} cores"

@@ -1,0 +1,73 @@
+"""Issue 20 trial, as run: how fast a trained CRNN with CTC reads, and where the time goes. The
+same CAPTCHAs (decoded and resized once, in memory) read by the Keras model at two batch sizes, by
+its ONNX export under onnxruntime, and decoded greedily and by beam search; then `evaluate` on the
+folder, PNG decoding and its files included. Each reading is repeated --rounds times, interleaved,
+and the fastest kept: this machine's speed drifts.
+
+From the repository root:
+  .venv/bin/python experiments/ctc_reading_speed.py --model_path models/imagecaptcha_4_alnum_upper.keras \
+    --folder data/hidden/ic4 --rounds 2
+"""
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from captcha_common import cpu_line  # noqa: E402
+from captcha_solver import (  # noqa: E402
+    OnnxModel,
+    arch_view,
+    ctc_decode,
+    evaluate,
+    export,
+    list_captchas,
+    load_breaker,
+    load_captchas,
+    scale,
+)
+
+
+def seconds_of(work):
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def main(model_path, folder, rounds=3):
+    breaker = load_breaker(model_path)
+    files = list_captchas(folder)
+    images, _ = load_captchas(files, breaker.captcha_format, with_labels=False)
+    x = scale(arch_view(breaker.arch, images)[0])
+    probabilities = breaker.model.predict(x, batch_size=256, verbose=0)  # also compiles the predict step
+    with tempfile.TemporaryDirectory() as scratch:
+        onnx_path = Path(scratch) / "model.onnx"
+        export(model_path, outfile=onnx_path)
+        onnx = OnnxModel(onnx_path)
+        onnx.predict(x[:256])
+        readings = {
+            "Keras predict, batch 256": lambda: breaker.model.predict(x, batch_size=256, verbose=0),
+            "Keras predict, batch 1024": lambda: breaker.model.predict(x, batch_size=1024, verbose=0),
+            "ONNX (onnxruntime), batch 256": lambda: onnx.predict(x, batch_size=256),
+            "greedy decoding alone": lambda: ctc_decode(probabilities, breaker.captcha_format),
+            "beam search (10) alone": lambda: ctc_decode(probabilities, breaker.captcha_format, 10),
+            "evaluate, greedy (files, PNG decoding, CSV, gallery)":
+                lambda: evaluate(model_path, folder, Path(scratch) / "greedy"),
+            "evaluate, beam search (10)":
+                lambda: evaluate(model_path, folder, Path(scratch) / "beam", beam_width=10),
+        }
+        best = dict.fromkeys(readings, float("inf"))
+        for _ in range(rounds):
+            for name, work in readings.items():
+                best[name] = min(best[name], seconds_of(work))
+    print(f"\n{model_path}: {len(files)} CAPTCHAs of {folder}, input {breaker.captcha_format.dim}; "
+          f"{cpu_line()}; fastest of {rounds} interleaved rounds")
+    for name, seconds in best.items():
+        print(f"{name:55}{len(files) / seconds:10.0f} CAPTCHAs/s{seconds:9.2f} s")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
