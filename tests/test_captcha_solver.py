@@ -665,23 +665,18 @@ def test_a_label_that_fits_no_models_format_is_named(two_families, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.5, "high", True, float("nan")])
-def test_a_min_confidence_outside_0_to_1_is_refused(two_families, tmp_path, value):
+@pytest.mark.parametrize("option, value, message", [
+    *[("min_confidence", value, "--min_confidence must be a number within")
+      for value in (-0.1, 1.5, "high", True, float("nan"))],
+    *[("beam_width", value, "--beam_width must be a whole number of 1 or more")
+      for value in (0, 2.5, "wide")],
+])
+def test_a_reading_option_out_of_its_range_is_refused(two_families, tmp_path, option, value, message):
     models, folder = two_families
-    with pytest.raises(CaptchaError, match="--min_confidence must be a number within"):
-        predict(folder, model_path=models, min_confidence=value)
-    with pytest.raises(CaptchaError, match="--min_confidence must be a number within"):
-        evaluate(models, folder, tmp_path / "out", min_confidence=value)
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("value", [0, 2.5, "wide"])
-def test_a_beam_width_that_is_no_whole_number_of_1_or_more_is_refused(two_families, tmp_path, value):
-    models, folder = two_families
-    with pytest.raises(CaptchaError, match="--beam_width must be a whole number of 1 or more"):
-        predict(folder, model_path=models, beam_width=value)
-    with pytest.raises(CaptchaError, match="--beam_width must be a whole number of 1 or more"):
-        evaluate(models, folder, tmp_path / "out", beam_width=value)
+    with pytest.raises(CaptchaError, match=message):
+        predict(folder, model_path=models, **{option: value})
+    with pytest.raises(CaptchaError, match=message):
+        evaluate(models, folder, tmp_path / "out", **{option: value})
     assert not (tmp_path / "out").exists()
 
 
