@@ -1,6 +1,7 @@
 """The DCGAN and the solver on TensorFlow and on JAX, each backend in its own process: one step
 gives the same numbers on both, checkpoints cross between them, and data-parallel training on two
-virtual CPU devices matches one device."""
+virtual CPU devices matches one device (both runs in one process, which pays the backend's start
+once)."""
 import json
 import os
 import subprocess
@@ -39,18 +40,26 @@ np.savez(sys.argv[4], d_loss=float(logs["d_loss"]), g_loss=float(logs["g_loss"])
          **{f"w{i}": np.asarray(w) for i, w in enumerate(weights)})
 """
 
-# The script's own train, after TensorFlow has been given two logical CPU devices.
-TF_ON_TWO_CPUS = """
+# The script's own train, run for each command line of argv[1] (JSON) in one process, and on
+# TensorFlow after it has been given two logical CPU devices. A line of RUN_MARK starts each run's
+# output.
+TRAIN_IN_ONE_PROCESS = """
+import json
 import sys
-import tensorflow as tf
 
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+if {two_tf_cpus}:
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import fire
 import {module}
 
-fire.Fire({module}.train, command=sys.argv[1:])
+for command in json.loads(sys.argv[1]):
+    print("{mark}", flush=True)
+    fire.Fire({module}.train, command=command)
 """
+RUN_MARK = "=== a run of train ==="
 
 
 def run(args, backend, extra_env=None, check=True):
@@ -137,40 +146,32 @@ def test_a_batch_that_does_not_split_over_the_devices_is_one_line(svhn_like, tmp
 # ## Data-parallel on two virtual CPU devices against one device, from the same seed
 
 
-def train_on_two_devices(module, args, outdir, backend, distribute):
-    """module's train on two virtual CPU devices of the backend, with or without --distribute."""
-    args = [*args, "--outdir", outdir, "--seed", 0, "--distribute", distribute]
-    if backend == "jax":
-        return run([f"{module}.py", "train", *args], "jax",
-                   {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-    script = outdir.parent / f"{module}_on_two_cpus.py"
-    script.write_text(TF_ON_TWO_CPUS.format(module=module))
-    return run([script, *args], "tensorflow")
-
-
-def solver_train(captchas, outdir, backend, distribute):
-    args = ["--dest_train", captchas / "train", "--dest_val", captchas / "val", "--batch_size", 32,
-            "--epochs", 2]
-    result = train_on_two_devices("captcha_solver", args, outdir, backend, distribute)
-    return result, pd.read_csv(outdir / "history.csv")
+def train_on_two_devices(module, args, log_name, tmp_path, backend):
+    """module's train on two virtual CPU devices of the backend, in one process: into tmp_path/one
+    without --distribute, then into tmp_path/two with it. Each run's output and its log_name CSV."""
+    outdirs = [tmp_path / "one", tmp_path / "two"]
+    commands = [[*map(str, args), "--outdir", str(outdir), "--seed", "0", "--distribute", str(distribute)]
+                for outdir, distribute in zip(outdirs, (False, True))]
+    script = tmp_path / f"{module}_twice.py"
+    script.write_text(TRAIN_IN_ONE_PROCESS.format(module=module, two_tf_cpus=backend == "tensorflow",
+                                                  mark=RUN_MARK))
+    result = run([script, json.dumps(commands)], backend,
+                 {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"} if backend == "jax" else None)
+    return result.stdout.split(RUN_MARK + "\n")[1:], [pd.read_csv(outdir / log_name) for outdir in outdirs]
 
 
 # TensorFlow's MirroredStrategy draws each replica's dropout masks on its own, so its run matches
 # one device only as closely as two dropout draws do; JAX draws one global mask and matches closely.
 @pytest.mark.parametrize("backend, rtol", [("jax", 1e-3), ("tensorflow", 0.05)])
 def test_the_solver_trained_on_two_devices_matches_one_device(captchas, tmp_path, backend, rtol):
-    one, one_history = solver_train(captchas, tmp_path / "one", backend, False)
-    two, two_history = solver_train(captchas, tmp_path / "two", backend, True)
-    assert "data-parallel over 2 devices" in two.stdout
-    assert "data-parallel" not in one.stdout
+    args = ["--dest_train", captchas / "train", "--dest_val", captchas / "val", "--batch_size", 32,
+            "--epochs", 2]
+    (one, two), (one_history, two_history) = train_on_two_devices("captcha_solver", args, "history.csv",
+                                                                  tmp_path, backend)
+    assert "data-parallel over 2 devices" in two
+    assert "data-parallel" not in one
     np.testing.assert_allclose(two_history["loss"], one_history["loss"], rtol=rtol)
     np.testing.assert_allclose(two_history["val_loss"], one_history["val_loss"], rtol=rtol)
-
-
-def gan_losses(svhn_like, outdir, backend, distribute):
-    args = ["--dest_train", svhn_like, "--batch_size", 20, "--epochs", 1]
-    result = train_on_two_devices("captcha_gan", args, outdir, backend, distribute)
-    return result, pd.read_csv(outdir / "losses.csv")
 
 
 # On TensorFlow each replica of MirroredStrategy draws its own noise for its half of the batch and
@@ -179,7 +180,9 @@ def gan_losses(svhn_like, outdir, backend, distribute):
 # batch, sharded, and matches one device to float precision.
 @pytest.mark.parametrize("backend, rtol", [("jax", 1e-3), ("tensorflow", 0.3)])
 def test_the_gan_trained_on_two_devices_matches_one_device(svhn_like, tmp_path, backend, rtol):
-    one, one_losses = gan_losses(svhn_like, tmp_path / "one", backend, False)
-    two, two_losses = gan_losses(svhn_like, tmp_path / "two", backend, True)
-    assert "data-parallel over 2 devices" in two.stdout
+    args = ["--dest_train", svhn_like, "--batch_size", 20, "--epochs", 1]
+    (one, two), (one_losses, two_losses) = train_on_two_devices("captcha_gan", args, "losses.csv",
+                                                                tmp_path, backend)
+    assert "data-parallel over 2 devices" in two
+    assert "data-parallel" not in one
     np.testing.assert_allclose(two_losses[["d_loss", "g_loss"]], one_losses[["d_loss", "g_loss"]], rtol=rtol)
