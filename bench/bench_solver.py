@@ -9,8 +9,8 @@
   (c) evaluating the same CAPTCHAs with the whole-image model (`--arch whole`), and with the
       CRNN trained with CTC (`--arch ctc`), greedy decoding included; and ImageCaptcha 170x80
       CAPTCHAs with the CRNN that reads them at 64x160 in colour, at the fast recipe's widths
-      16/32/64/96 (the input and widths of models/imagecaptcha_4_alnum_upper.keras), greedily and
-      by beam search over 10 prefixes;
+      16/32/64/96 (the input and widths of models/imagecaptcha_4_alnum_upper.keras), greedily,
+      by beam search over 10 prefixes, and exported to ONNX;
   (d) evaluating CAPTCHAs of another family, ImageCaptcha 160x60 with 4 to 6 characters of
       0-9a-z, with a whole-image model of that format, as a Keras model and exported to ONNX;
   (e) evaluating a folder that mixes three families (claptcha 200x80, ImageCaptcha 170x80 of
@@ -157,6 +157,7 @@ EVAL_MODELS = {"ours_eval": ("untrained.keras", "eval"),
                "ctc_eval": ("untrained_ctc.keras", "eval"),
                "ctc_colour_eval": ("untrained_ctc_colour.keras", "upper_eval"),
                "ctc_colour_beam_eval": ("untrained_ctc_colour.keras", "upper_eval"),
+               "ctc_colour_onnx_eval": ("untrained_ctc_colour.onnx", "upper_eval"),
                "family_eval": ("untrained_family.keras", "family_eval"),
                "family_onnx_eval": ("untrained_family.onnx", "family_eval"),
                "auto_eval": ("models", "mixed_eval")}
@@ -180,6 +181,7 @@ def make_data(scratch, num_eval, num_train, seed):
     colour = CaptchaFormat(charset_from("alnum_upper"), 4, 4, 64, 160, 3)
     save_breaker(crnn_ctc_model(colour, filters=(16, 32, 64, 96)), colour,
                  f"{scratch}/untrained_ctc_colour.keras")
+    export(f"{scratch}/untrained_ctc_colour.keras")
     family = CaptchaFormat(charset_from("alnum_lower"), 4, 6, case_sensitive=True)
     save_breaker(whole_image_model(family), family, f"{scratch}/untrained_family.keras")
     export(f"{scratch}/untrained_family.keras")
@@ -204,7 +206,7 @@ def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, 
     with tempfile.TemporaryDirectory() as scratch:
         make_data(scratch, num_eval, num_train, seed)
         rows = best_of(__file__, ("book_eval", "ours_eval", "whole_eval", "ctc_eval", "ctc_colour_eval",
-                                  "ctc_colour_beam_eval", "family_eval",
+                                  "ctc_colour_beam_eval", "ctc_colour_onnx_eval", "family_eval",
                                   "family_onnx_eval", "auto_eval", "book_train", "ours_train",
                                   "book_data", "ours_data"), repeats, "--data", scratch,
                        "--book_eval", book_eval,
@@ -222,6 +224,7 @@ def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, 
                            ("ctc_eval", f"(c) CRNN with CTC: evaluate ({num_eval})"),
                            ("ctc_colour_eval", f"(c) ... 64x160 colour, 170x80 ({num_eval})"),
                            ("ctc_colour_beam_eval", f"(c) ... and beam search ({num_eval})"),
+                           ("ctc_colour_onnx_eval", f"(c) ... 64x160 colour, ONNX ({num_eval})"),
                            ("family_eval", f"(d) ImageCaptcha 4-6: evaluate ({num_eval})"),
                            ("family_onnx_eval", f"(d) ... ONNX: evaluate ({num_eval})"),
                            ("auto_eval", f"(e) automatic: evaluate ({3 * num_eval} mixed)"),
