@@ -990,16 +990,27 @@ def read_captchas(breaker, images, batch_size=256):
     return read_with_confidences(breaker, images, batch_size)[0]
 
 
+def predicted(model, inputs, batch):
+    """The model's outputs for uint8 inputs, batch by batch, each scaled as it goes: scaling all at
+    once would hold every CAPTCHA in float32 (2 GB for 4,000 at 64x160 colour, and a third of
+    evaluate's time), and predict would set up a dataset on every call (90 ms here, against 4 ms for
+    predict_on_batch). Where there is more than one batch, the last is padded to the full size, so
+    that the compiled predict step is not traced again for one smaller batch."""
+    outputs = []
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start:start + batch]
+        count = len(chunk)
+        if count < batch < len(inputs):
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch - count, axis=0)])
+        outputs.append(np.asarray(model.predict_on_batch(scale(chunk)))[:count])
+    return np.concatenate(outputs)
+
+
 def read_with_confidences(breaker, images, batch_size=256, beam_width=1):
     """The text of each CAPTCHA and the probability that the model gives it (sequence_confidences;
     a CTC model's decoding takes beam_width, ctc_decode)."""
     inputs, _ = arch_view(breaker.arch, images)
-    batch = batch_size * (len(inputs) // len(images))
-    # Batch by batch, each scaled as it goes: scaling all at once would hold every CAPTCHA in float32
-    # (2 GB for 4,000 at 64x160 colour, and a third of evaluate's time), and predict would set up a
-    # dataset on every call (90 ms here, against 4 ms for predict_on_batch).
-    probabilities = np.concatenate([np.asarray(breaker.model.predict_on_batch(scale(inputs[i:i + batch])))
-                                    for i in range(0, len(inputs), batch)])
+    probabilities = predicted(breaker.model, inputs, batch_size * (len(inputs) // len(images)))
     if breaker.arch == "ctc":
         return ctc_decode(probabilities, breaker.captcha_format, beam_width)
     probabilities = probabilities.reshape(len(images), breaker.captcha_format.max_length, -1)
@@ -1222,23 +1233,47 @@ def write_confusions(results, path, shown=10):
 
 
 def plot_failures(results, images, path, shown=36):
-    """The book's figure 10.4: failed CAPTCHAs with their target and prediction."""
+    """The book's figure 10.4: failed CAPTCHAs with their target and prediction, four to a row."""
     failed = np.flatnonzero(results["match"].to_numpy() == 0)[:shown]
     if len(failed) == 0:
         Path(path).unlink(missing_ok=True)  # an older run's gallery would mislead
         return
-    columns = 4
-    rows = int(np.ceil(len(failed) / columns))
-    figure, axes = subplots(rows, columns, figsize=(3 * columns, 1.5 * rows), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, index in zip(axes.flat, failed):
-        image = images[index]
-        axis.imshow(image[:, :, 0] if image.shape[-1] == 1 else image, cmap="gray")
-        axis.set_title(f"target {results.targets[index]}  read {results.predictions[index]}",
-                       fontsize=9)
-    figure.tight_layout()
+    grid, caption_places = failure_grid(images[failed])
+    # One picture of them all, one image pixel to a figure pixel: 36 axes of their own, laid out
+    # tightly, took longer to draw than reading 4,000 CAPTCHAs.
+    figure, axis = subplots(figsize=(grid.shape[1] / FIGURE_DPI, grid.shape[0] / FIGURE_DPI), dpi=FIGURE_DPI)
+    axis.set_position((0, 0, 1, 1))
+    axis.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    axis.axis("off")
+    for (x, y), index in zip(caption_places, failed):
+        axis.text(x, y, f"target {results.targets[index]}  read {results.predictions[index]}",
+                  ha="center", va="bottom", fontsize=9)
     save_figure(figure, path)
+
+
+FIGURE_DPI = 100
+CELL_WIDTH, CAPTION_HEIGHT, GAP = 200, 22, 8  # pixels
+
+
+def failure_grid(images, columns=4):
+    """(N, height, width, channels) uint8 images, each enlarged by a whole factor towards CELL_WIDTH,
+    on a white grid of columns with a band above each for its caption: the grid, and where each
+    caption goes (its centre and bottom, in pixels)."""
+    zoom = max(1, CELL_WIDTH // images.shape[2])
+    images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
+    if images.shape[-1] == 1:
+        images = images[..., 0]
+    height, width = images.shape[1:3]
+    cell_width, cell_height = max(CELL_WIDTH, width) + GAP, CAPTION_HEIGHT + height + GAP
+    rows = -(-len(images) // columns)
+    grid = np.full((rows * cell_height, columns * cell_width, *images.shape[3:]), 255, np.uint8)
+    caption_places = []
+    for k, image in enumerate(images):
+        left, top = (k % columns) * cell_width, (k // columns) * cell_height + CAPTION_HEIGHT
+        x = left + (cell_width - width) // 2
+        grid[top:top + height, x:x + width] = image
+        caption_places.append((left + cell_width / 2, top - 3))
+    return grid, caption_places
 
 
 def predict(path, model_path=None, min_confidence=None, beam_width=1):

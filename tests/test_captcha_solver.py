@@ -267,6 +267,37 @@ def test_a_clean_evaluation_leaves_no_old_failure_gallery(controlled, tmp_path):
     assert not (tmp_path / "out" / "failures.png").exists()
 
 
+def test_the_failure_gallery_puts_each_image_whole_in_its_own_cell():
+    images = np.stack([np.full((40, 100, 1), 10 * k, np.uint8) for k in range(1, 6)])
+    grid, caption_places = captcha_solver.failure_grid(images)
+    cell_width, cell_height = 200 + 8, 22 + 80 + 8  # 100 px wide, so enlarged twice
+    assert grid.shape == (2 * cell_height, 4 * cell_width)
+    assert len(caption_places) == 5
+    for k, (x, bottom) in enumerate(caption_places):
+        top, left = bottom + 3, int(x - 100)
+        assert np.all(grid[top:top + 80, left:left + 200] == 10 * (k + 1))
+        assert grid[top - 1, left] == grid[top + 80, left] == 255
+    assert np.all(grid[cell_height:, 2 * cell_width:] == 255)  # no sixth, seventh or eighth image
+
+
+def test_reading_in_batches_pads_only_a_short_last_batch_and_drops_its_padding():
+    class Recorder:
+        shapes = []
+
+        def predict_on_batch(self, x):
+            self.shapes.append(x.shape[0])
+            return x.reshape(len(x), -1).sum(axis=1, keepdims=True)
+
+    inputs = np.random.default_rng(0).integers(0, 256, (600, 2, 3, 1), dtype=np.uint8)
+    model = Recorder()
+    outputs = captcha_solver.predicted(model, inputs, 256)
+    assert model.shapes == [256, 256, 256]  # one compiled shape, not a third for the last 88
+    np.testing.assert_allclose(outputs[:, 0], (inputs / 255.0).reshape(600, -1).sum(axis=1), rtol=1e-5)
+    model.shapes.clear()
+    assert captcha_solver.predicted(model, inputs[:5], 256).shape == (5, 1)
+    assert model.shapes == [5]  # a single batch reads at its own size
+
+
 def test_evaluate_names_a_bad_label(controlled, tmp_path):
     model_path, folder = controlled
     (folder / "AB1.png").write_bytes((folder / "AB12.png").read_bytes())
