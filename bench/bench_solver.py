@@ -12,10 +12,12 @@
       16/32/64/96 (the input and widths of models/imagecaptcha_4_alnum_upper.keras), greedily,
       by beam search over 10 prefixes, and exported to ONNX;
   (d) evaluating CAPTCHAs of another family, ImageCaptcha 160x60 with 4 to 6 characters of
-      0-9a-z, with a whole-image model of that format, as a Keras model and exported to ONNX;
+      0-9a-z, with the CRNN of that format at 64x160 in colour (the input and widths of
+      models/imagecaptcha_4to6_alnum_lower.keras), as a Keras model and exported to ONNX;
   (e) evaluating a folder that mixes three families (claptcha 200x80, ImageCaptcha 170x80 of
-      4 and 160x60 of 4-6 characters) with the automatic choice among three whole-image models,
-      each recording the size it was trained on, as models/ would.
+      4 and 160x60 of 4-6 characters) with the automatic choice among the shipped models' kinds:
+      the whole-image model for claptcha and the two CRNNs, each recording the size it was
+      trained on, as models/ does.
 
     .venv/bin/python bench/bench_solver.py --num_eval 4000 --num_train 4000 --book_eval 100
 
@@ -163,6 +165,13 @@ EVAL_MODELS = {"ours_eval": ("untrained.keras", "eval"),
                "auto_eval": ("models", "mixed_eval")}
 
 
+def shipped_crnn(captcha_format):
+    """An untrained CRNN of the shipped ImageCaptcha models' widths."""
+    from captcha_solver import crnn_ctc_model
+
+    return crnn_ctc_model(captcha_format, filters=(16, 32, 64, 96))
+
+
 def make_data(scratch, num_eval, num_train, seed):
     """The CAPTCHAs and untrained models that every variant reads (speed does not depend on weights)."""
     from captcha_common import BOOK_FORMAT, CaptchaFormat, charset_from
@@ -179,19 +188,19 @@ def make_data(scratch, num_eval, num_train, seed):
     whole_image_model().save(f"{scratch}/untrained_whole.keras")
     save_breaker(crnn_ctc_model(), BOOK_FORMAT, f"{scratch}/untrained_ctc.keras")
     colour = CaptchaFormat(charset_from("alnum_upper"), 4, 4, 64, 160, 3)
-    save_breaker(crnn_ctc_model(colour, filters=(16, 32, 64, 96)), colour,
-                 f"{scratch}/untrained_ctc_colour.keras")
+    save_breaker(shipped_crnn(colour), colour, f"{scratch}/untrained_ctc_colour.keras")
     export(f"{scratch}/untrained_ctc_colour.keras")
-    family = CaptchaFormat(charset_from("alnum_lower"), 4, 6, case_sensitive=True)
-    save_breaker(whole_image_model(family), family, f"{scratch}/untrained_family.keras")
+    family = CaptchaFormat(charset_from("alnum_lower"), 4, 6, 64, 160, 3, case_sensitive=True)
+    save_breaker(shipped_crnn(family), family, f"{scratch}/untrained_family.keras")
     export(f"{scratch}/untrained_family.keras")
     models, mixed = Path(scratch) / "models", Path(scratch) / "mixed_eval"
     models.mkdir()
     mixed.mkdir()
-    readers = (("claptcha", BOOK_FORMAT, (200, 80)), ("upper", BOOK_FORMAT, (170, 80)),
-               ("family", family, (160, 60)))
-    for name, captcha_format, size in readers:
-        save_breaker(whole_image_model(captcha_format), captcha_format, models / f"{name}.keras", [size])
+    readers = (("claptcha", BOOK_FORMAT, whole_image_model(), (200, 80)),
+               ("upper", colour, shipped_crnn(colour), (170, 80)),
+               ("family", family, shipped_crnn(family), (160, 60)))
+    for name, captcha_format, model, size in readers:
+        save_breaker(model, captcha_format, models / f"{name}.keras", [size])
         for file in Path(scratch, "eval" if name == "claptcha" else f"{name}_eval").iterdir():
             (mixed / f"{file.stem}_{name}.png").symlink_to(file)
 

@@ -1,8 +1,8 @@
 """Issue 20 trial, as run: how fast a trained CRNN with CTC reads, and where the time goes. The
-same CAPTCHAs (decoded and resized once, in memory) read by the Keras model at two batch sizes, by
-its ONNX export under onnxruntime, and decoded greedily and by beam search; then `evaluate` on the
-folder, PNG decoding and its files included. Each reading is repeated --rounds times, interleaved,
-and the fastest kept: this machine's speed drifts.
+same CAPTCHAs (decoded and resized once, in memory) read by the Keras model at two batch sizes,
+batch by batch as evaluate reads them, by its ONNX export under onnxruntime, and decoded greedily
+and by beam search; then `evaluate` on the folder, PNG decoding and its files included. Each reading
+is repeated --rounds times, interleaved, and the fastest kept: this machine's speed drifts.
 
 From the repository root:
   .venv/bin/python experiments/ctc_reading_speed.py --model_path models/imagecaptcha_4_alnum_upper.keras \
@@ -27,6 +27,7 @@ from captcha_solver import (  # noqa: E402
     list_captchas,
     load_breaker,
     load_captchas,
+    predicted,
     scale,
 )
 
@@ -41,7 +42,8 @@ def main(model_path, folder, rounds=3):
     breaker = load_breaker(model_path)
     files = list_captchas(folder)
     images, _ = load_captchas(files, breaker.captcha_format, with_labels=False)
-    x = scale(arch_view(breaker.arch, images)[0])
+    inputs = arch_view(breaker.arch, images)[0]  # uint8, as evaluate holds them
+    x = scale(inputs)
     probabilities = breaker.model.predict(x, batch_size=256, verbose=0)  # also compiles the predict step
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(scratch) / "model.onnx"
@@ -51,6 +53,7 @@ def main(model_path, folder, rounds=3):
         readings = {
             "Keras predict, batch 256": lambda: breaker.model.predict(x, batch_size=256, verbose=0),
             "Keras predict, batch 1024": lambda: breaker.model.predict(x, batch_size=1024, verbose=0),
+            "Keras predict_on_batch, batch 256 (evaluate's)": lambda: predicted(breaker.model, inputs, 256),
             "ONNX (onnxruntime), batch 256": lambda: onnx.predict(x, batch_size=256),
             "greedy decoding alone": lambda: ctc_decode(probabilities, breaker.captcha_format),
             "beam search (10) alone": lambda: ctc_decode(probabilities, breaker.captcha_format, 10),
