@@ -154,10 +154,11 @@ def fitting_files(files, captcha_format, skip_bad_labels=False):
     return fitting
 
 
-def encode_labels(labels, captcha_format):
-    """(N, max_length) class numbers; positions after a shorter label hold the end class."""
+def encode_labels(labels, captcha_format, positions=None):
+    """(N, positions) class numbers, max_length positions unless given; positions after a shorter
+    label hold the end class (CTC's blank)."""
     index = {char: code for code, char in enumerate(captcha_format.charset)}
-    codes = np.full((len(labels), captcha_format.max_length), len(index), np.int32)
+    codes = np.full((len(labels), positions or captcha_format.max_length), len(index), np.int32)
     for row, label in zip(codes, labels):
         row[:len(label)] = [index[c] for c in label]
     return codes
@@ -976,11 +977,9 @@ def text_probabilities(probabilities, texts, captcha_format):
     sum. The best path alone would be far too low a confidence: over 40 columns a reader sure to
     0.995 of each column has a best path of 0.82, and the same text has other paths besides."""
     blank = len(captcha_format.charset)
-    index = {character: code for code, character in enumerate(captcha_format.charset)}
-    codes = np.full((len(texts), max([1, *map(len, texts)])), blank, "int32")
-    for row, text in zip(codes, texts):
-        row[:len(text)] = [index[character] for character in text]
     lengths = np.array([len(text) for text in texts], "int32")
+    # a reading may be longer than the format's max_length, or empty
+    codes = encode_labels(texts, captcha_format, positions=max(1, lengths.max(initial=0)))
     columns = np.full(len(texts), probabilities.shape[1], "int32")
     log_probabilities = np.log(np.maximum(probabilities, np.finfo(np.float32).tiny))
     return np.exp(-np.asarray(ops.ctc_loss(codes, log_probabilities, lengths, columns, mask_index=blank)))

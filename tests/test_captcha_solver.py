@@ -974,6 +974,9 @@ def test_a_greedy_readings_confidence_sums_every_path_that_spells_it():
     assert confidences == pytest.approx([0.7324, 0.6 * 0.6], rel=1e-4)
     beam_texts, beam_confidences = captcha_solver.ctc_decode(probabilities[:1], two, beam_width=8)
     assert beam_texts == ["A"] and beam_confidences == pytest.approx(confidences[:1], rel=1e-4)
+    # a reading longer than the format's 3 characters has a probability too
+    texts, confidences = captcha_solver.ctc_decode(column_probabilities([[0, 1, 0, 1, 0, 2, 2]], 3), two)
+    assert texts == ["ABABA"] and 0.9 ** 7 - 1e-6 <= confidences[0] <= 1
 
 
 def test_the_training_accuracy_of_ctc_is_that_of_its_decoding():
