@@ -973,16 +973,35 @@ def ctc_decode(probabilities, captcha_format, beam_width=1):
 
 
 def text_probabilities(probabilities, texts, captcha_format):
-    """The probability of each text summed over every path of columns that spells it, CTC's forward
-    sum. The best path alone would be far too low a confidence: over 40 columns a reader sure to
-    0.995 of each column has a best path of 0.82, and the same text has other paths besides."""
+    """The probability of each text summed over every path of columns that spells it: CTC's forward
+    sum, over the label with a blank before, between and after its characters, rescaled column by
+    column. The best path alone would be far too low a confidence: over 40 columns a reader sure
+    to 0.995 of each column has a best path of 0.82, and the same text has other paths besides.
+    In numpy, batch-wide: ops.ctc_loss gives the same (to 1e-6) and took 11 times as long here."""
     blank = len(captcha_format.charset)
-    lengths = np.array([len(text) for text in texts], "int32")
+    lengths = np.array([len(text) for text in texts])
     # a reading may be longer than the format's max_length, or empty
     codes = encode_labels(texts, captcha_format, positions=max(1, lengths.max(initial=0)))
-    columns = np.full(len(texts), probabilities.shape[1], "int32")
-    log_probabilities = np.log(np.maximum(probabilities, np.finfo(np.float32).tiny))
-    return np.exp(-np.asarray(ops.ctc_loss(codes, log_probabilities, lengths, columns, mask_index=blank)))
+    count, columns = probabilities.shape[:2]
+    labels = np.full((count, 2 * codes.shape[1] + 1), blank)  # blank, c1, blank, c2, ..., blank
+    labels[:, 1::2] = codes
+    emitted = np.take_along_axis(probabilities.astype(np.float64), labels[:, None, :].repeat(columns, 1), 2)
+    skips = np.zeros(labels.shape, bool)  # from a character straight to the next, unless the same
+    skips[:, 2:] = (labels[:, 2:] != blank) & (labels[:, 2:] != labels[:, :-2])
+    alpha = np.zeros(labels.shape)  # (N, states): the probability of the paths that end in each state
+    alpha[:, :2] = emitted[:, 0, :2]
+    log_scale = np.zeros(count)
+    for column in range(1, columns):
+        moved = alpha.copy()
+        moved[:, 1:] += alpha[:, :-1]
+        moved[:, 2:] += np.where(skips[:, 2:], alpha[:, :-2], 0)
+        alpha = moved * emitted[:, column]
+        total = np.maximum(alpha.sum(axis=1), np.finfo(np.float64).tiny)
+        alpha /= total[:, None]
+        log_scale += np.log(total)
+    rows = np.arange(count)
+    ends = alpha[rows, 2 * lengths] + np.where(lengths > 0, alpha[rows, np.maximum(2 * lengths - 1, 0)], 0)
+    return np.exp(log_scale) * ends
 
 
 def ctc_beam_decode(probabilities, captcha_format, beam_width):
