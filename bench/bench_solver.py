@@ -188,17 +188,19 @@ def make_data(scratch, num_eval, num_train, seed):
     whole_image_model().save(f"{scratch}/untrained_whole.keras")
     save_breaker(crnn_ctc_model(), BOOK_FORMAT, f"{scratch}/untrained_ctc.keras")
     colour = CaptchaFormat(charset_from("alnum_upper"), 4, 4, 64, 160, 3)
-    save_breaker(shipped_crnn(colour), colour, f"{scratch}/untrained_ctc_colour.keras")
+    colour_crnn = shipped_crnn(colour)
+    save_breaker(colour_crnn, colour, f"{scratch}/untrained_ctc_colour.keras")
     export(f"{scratch}/untrained_ctc_colour.keras")
     family = CaptchaFormat(charset_from("alnum_lower"), 4, 6, 64, 160, 3, case_sensitive=True)
-    save_breaker(shipped_crnn(family), family, f"{scratch}/untrained_family.keras")
+    family_crnn = shipped_crnn(family)
+    save_breaker(family_crnn, family, f"{scratch}/untrained_family.keras")
     export(f"{scratch}/untrained_family.keras")
     models, mixed = Path(scratch) / "models", Path(scratch) / "mixed_eval"
     models.mkdir()
     mixed.mkdir()
     readers = (("claptcha", BOOK_FORMAT, whole_image_model(), (200, 80)),
-               ("upper", colour, shipped_crnn(colour), (170, 80)),
-               ("family", family, shipped_crnn(family), (160, 60)))
+               ("upper", colour, colour_crnn, (170, 80)),
+               ("family", family, family_crnn, (160, 60)))
     for name, captcha_format, model, size in readers:
         save_breaker(model, captcha_format, models / f"{name}.keras", [size])
         for file in Path(scratch, "eval" if name == "claptcha" else f"{name}_eval").iterdir():
