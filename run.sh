@@ -64,8 +64,17 @@ case "${1:-}" in
   demo) demo ;;
   test) shift
         echo "== ruff check ."; $PY -m ruff check .
-        $PY -m pytest -q tests "$@"
-        echo "== the GAN again, on JAX"; KERAS_BACKEND=jax $PY -m pytest -q tests/test_captcha_gan.py "$@" ;;
+        # Three pytest processes share the two cores: one process alone leaves them idle a third of
+        # the time, mostly while it imports TensorFlow or JAX (docs/testing.md measures it).
+        jax_run=$(mktemp -d)
+        KERAS_BACKEND=jax $PY -m pytest -q --basetemp "$jax_run/tmp" tests/test_captcha_gan.py "$@" \
+          >"$jax_run/log" 2>&1 & jax_pid=$!
+        trap 'kill "$jax_pid" 2>/dev/null; rm -rf "$jax_run"' EXIT  # an interrupted run stops both
+        status=0
+        $PY -m pytest -q -n 2 --dist loadfile tests "$@" || status=$?
+        wait "$jax_pid" || status=$?
+        echo "== the GAN again, on JAX"; cat "$jax_run/log"
+        exit "$status" ;;
   bench) for b in bench/bench_*.py; do $PY "$b"; done ;;
   serve) $SERVE ;;
   *) echo "usage: ./run.sh demo|test|bench|serve" >&2; exit 2 ;;
