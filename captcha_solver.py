@@ -33,7 +33,7 @@ import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, cached_property
 from itertools import zip_longest
 from pathlib import Path
 from typing import NamedTuple
@@ -850,6 +850,43 @@ def image_sizes_of(files):
 ASPECT_TOLERANCE = 0.05  # the three families drawn here are 6.7% (160x60 and 200x80) or more apart
 
 
+def reading_model(model):
+    """The model as it reads: without its random augmentation layers, which do nothing then, and
+    with each BatchNormalization folded into the convolution before it. Reading, a BatchNorm is one
+    scale and shift per channel, which the convolution's kernel and bias can carry; folded, it no
+    longer costs two passes over each feature map, the largest tensors of a reading."""
+    chain = [layer for layer in model.layers[1:]
+             if not isinstance(layer, (layers.RandomTranslation, layers.RandomZoom))]
+    x = input_ = keras.Input(model.input_shape[1:])
+    index = 0
+    while index < len(chain):
+        layer, following = chain[index], chain[index + 1] if index + 1 < len(chain) else None
+        if foldable(layer, following):
+            x = folded_convolution(layer, following, x)
+            index += 2
+        else:
+            x = layer(x)
+            index += 1
+    return keras.Model(input_, x, name=model.name)
+
+
+def foldable(layer, following):
+    return (isinstance(layer, layers.Conv2D) and isinstance(following, layers.BatchNormalization)
+            and layer.get_config()["activation"] == "linear" and following.axis in (-1, 3))
+
+
+def folded_convolution(conv, norm, x):
+    """conv then norm (in inference) as one convolution with a bias, applied to x."""
+    merged = layers.Conv2D.from_config({**conv.get_config(), "use_bias": True})
+    y = merged(x)
+    numpy = ops.convert_to_numpy
+    scale = (numpy(norm.gamma) if norm.scale else 1.0) / np.sqrt(numpy(norm.moving_variance) + norm.epsilon)
+    bias = numpy(conv.bias) if conv.use_bias else 0.0
+    shift = (bias - numpy(norm.moving_mean)) * scale + (numpy(norm.beta) if norm.center else 0.0)
+    merged.set_weights([numpy(conv.kernel) * scale, shift.astype(np.float32)])
+    return y
+
+
 @dataclass
 class Breaker:
     """A model that reads CAPTCHAs (Keras, or an ONNX session with the same predict), with the
@@ -866,6 +903,12 @@ class Breaker:
         """The width-to-height ratios it was made for: its training images', else its input's."""
         sizes = self.image_sizes or ((self.captcha_format.width, self.captcha_format.height),)
         return tuple(sorted({width / height for width, height in sizes}))
+
+    @cached_property
+    def reader(self):
+        """The model that reads: the Keras model's reading_model, built on first use; an ONNX
+        session as it is."""
+        return reading_model(self.model) if isinstance(self.model, keras.Model) else self.model
 
     def takes(self, sizes):
         """Which of (N, 2) image (width, height) sizes it can read: those within ASPECT_TOLERANCE
@@ -1042,7 +1085,7 @@ def read_with_confidences(breaker, images, batch_size=256, beam_width=1):
     """The text of each CAPTCHA and the probability that the model gives it (sequence_confidences;
     a CTC model's decoding takes beam_width, ctc_decode)."""
     inputs, _ = arch_view(breaker.arch, images)
-    probabilities = predicted(breaker.model, inputs, batch_size * (len(inputs) // len(images)))
+    probabilities = predicted(breaker.reader, inputs, batch_size * (len(inputs) // len(images)))
     if breaker.arch == "ctc":
         return ctc_decode(probabilities, breaker.captcha_format, beam_width)
     probabilities = probabilities.reshape(len(images), breaker.captcha_format.max_length, -1)
@@ -1334,18 +1377,9 @@ def predict(path, model_path=None, min_confidence=None, beam_width=1):
 
 # ## Export for serving without TensorFlow
 #
-# Keras exports the reading part of the model (its random training layers left out) through
-# tf2onnx; the export is checked against Keras on a probe batch before it is put in place.
-
-
-def reading_model(model):
-    """The model without its random augmentation layers, which do nothing when it reads."""
-    input_ = keras.Input(model.input_shape[1:])
-    x = input_
-    for layer in model.layers[1:]:
-        if not isinstance(layer, (layers.RandomTranslation, layers.RandomZoom)):
-            x = layer(x)
-    return keras.Model(input_, x, name=model.name)
+# Keras exports the model as it reads (reading_model: its random training layers left out, its
+# BatchNorms folded) through tf2onnx; the export is checked against Keras on a probe batch before
+# it is put in place.
 
 
 def export(model_path, format="onnx", outfile=None):

@@ -1,8 +1,9 @@
 """Issue 20 trial, as run: how fast a trained CRNN with CTC reads, and where the time goes. The
 same CAPTCHAs (decoded and resized once, in memory) read by the Keras model at two batch sizes,
-batch by batch as evaluate reads them, by its ONNX export under onnxruntime, and decoded greedily
-and by beam search; then `evaluate` on the folder, PNG decoding and its files included. Each reading
-is repeated --rounds times, interleaved, and the fastest kept: this machine's speed drifts.
+batch by batch as evaluate reads them (as trained, and as reading_model folds it), by its ONNX
+export under onnxruntime, and decoded greedily and by beam search; then `evaluate` on the folder,
+PNG decoding and its files included. Each reading is repeated --rounds times, interleaved, and the
+fastest kept: this machine's speed drifts.
 
 From the repository root:
   .venv/bin/python experiments/ctc_reading_speed.py --model_path models/imagecaptcha_4_alnum_upper.keras \
@@ -53,7 +54,10 @@ def main(model_path, folder, rounds=3):
         readings = {
             "Keras predict, batch 256": lambda: breaker.model.predict(x, batch_size=256, verbose=0),
             "Keras predict, batch 1024": lambda: breaker.model.predict(x, batch_size=1024, verbose=0),
-            "Keras predict_on_batch, batch 256 (evaluate's)": lambda: predicted(breaker.model, inputs, 256),
+            "Keras predict_on_batch, batch 256, the model as trained":
+                lambda: predicted(breaker.model, inputs, 256),
+            "the same, reading_model (BatchNorms folded; evaluate's)":
+                lambda: predicted(breaker.reader, inputs, 256),
             "ONNX (onnxruntime), batch 256": lambda: onnx.predict(x, batch_size=256),
             "greedy decoding alone": lambda: ctc_decode(probabilities, breaker.captcha_format),
             "beam search (10) alone": lambda: ctc_decode(probabilities, breaker.captcha_format, 10),
@@ -69,7 +73,7 @@ def main(model_path, folder, rounds=3):
     print(f"\n{model_path}: {len(files)} CAPTCHAs of {folder}, input {breaker.captcha_format.dim}; "
           f"{cpu_line()}; fastest of {rounds} interleaved rounds")
     for name, seconds in best.items():
-        print(f"{name:55}{len(files) / seconds:10.0f} CAPTCHAs/s{seconds:9.2f} s")
+        print(f"{name:60}{len(files) / seconds:10.0f} CAPTCHAs/s{seconds:9.2f} s")
 
 
 if __name__ == "__main__":

@@ -585,6 +585,24 @@ def test_a_file_that_is_not_an_exported_breaker_is_one_line(tmp_path):
         load_breaker(tmp_path / "x.onnx")
 
 
+
+@pytest.mark.parametrize("arch", ["whole", "ctc"])
+def test_the_reading_model_folds_batchnorm_and_reads_as_the_model_does(arch):
+    model = captcha_solver.build_model(arch, replace(BOOK_FORMAT, height=32, width=80), filters=(8, 16))
+    rng = np.random.default_rng(0)
+    for layer in model.layers:  # statistics far from a new layer's, as after training
+        if isinstance(layer, keras.layers.BatchNormalization):
+            for weight, low, high in ((layer.gamma, 0.5, 2), (layer.beta, -1, 1),
+                                      (layer.moving_mean, -1, 1), (layer.moving_variance, 0.2, 3)):
+                weight.assign(rng.uniform(low, high, weight.shape).astype("float32"))
+    reader = captcha_solver.reading_model(model)
+    kinds = {type(layer) for layer in reader.layers}
+    assert not kinds & {keras.layers.BatchNormalization, keras.layers.RandomTranslation,
+                        keras.layers.RandomZoom}
+    x = rng.random((16, 32, 80, 1), dtype=np.float32)
+    np.testing.assert_allclose(reader.predict_on_batch(x), model.predict_on_batch(x), atol=1e-5)
+
+
 # ## Choosing the model that fits
 
 
