@@ -1391,7 +1391,7 @@ def export(model_path, format="onnx", outfile=None):
     if not isinstance(breaker.model, keras.Model):
         raise CaptchaError(f"{model_path} is already an export; give the .keras model")
     outfile = Path(str(outfile)) if outfile else Path(str(model_path)).with_suffix(".onnx")
-    model = reading_model(breaker.model)
+    model = breaker.reader
     probe = np.random.default_rng(0).random((32, *model.input_shape[1:]), dtype=np.float32)
     expected = model.predict(probe, verbose=0)
     with atomic_path(outfile) as temporary:

@@ -585,7 +585,6 @@ def test_a_file_that_is_not_an_exported_breaker_is_one_line(tmp_path):
         load_breaker(tmp_path / "x.onnx")
 
 
-
 @pytest.mark.parametrize("arch", ["whole", "ctc"])
 def test_the_reading_model_folds_batchnorm_and_reads_as_the_model_does(arch):
     model = captcha_solver.build_model(arch, replace(BOOK_FORMAT, height=32, width=80), filters=(8, 16))
