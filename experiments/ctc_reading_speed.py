@@ -1,14 +1,16 @@
 """Issue 20 trial, as run: how fast a trained CRNN with CTC reads, and where the time goes. The
 same CAPTCHAs (decoded and resized once, in memory) read by the Keras model at two batch sizes,
 batch by batch as evaluate reads them (as trained, and as reading_model folds it), by its ONNX
-export under onnxruntime, and decoded greedily and by beam search; then `evaluate` on the folder,
-PNG decoding and its files included. Each reading is repeated --rounds times, interleaved, and the
-fastest kept: this machine's speed drifts.
+export under onnxruntime, and decoded greedily and by beam search; its conv blocks alone; PNG
+decoding alone; then `evaluate` on the folder, PNG decoding and its files included. Each reading is
+repeated --rounds times, interleaved, and the fastest kept (this machine's speed drifts), with the
+cores it kept busy: this process's CPU seconds over the wall seconds.
 
 From the repository root:
   .venv/bin/python experiments/ctc_reading_speed.py --model_path models/imagecaptcha_4_alnum_upper.keras \
     --folder data/hidden/ic4 --rounds 2
 """
+import os
 import sys
 import tempfile
 import time
@@ -29,14 +31,26 @@ from captcha_solver import (  # noqa: E402
     load_breaker,
     load_captchas,
     predicted,
+    prepared,
     scale,
 )
 
 
 def seconds_of(work):
-    start = time.perf_counter()
+    """(wall seconds, CPU seconds of this process) of one call."""
+    start, cpu = time.perf_counter(), os.times()
     work()
-    return time.perf_counter() - start
+    now = os.times()
+    return time.perf_counter() - start, now.user - cpu.user + now.system - cpu.system
+
+
+def conv_blocks_of(reader):
+    """The reader up to its columns' features (the Reshape before the GRU): its convolutions."""
+    x = reader.input
+    for layer in reader.layers[1:]:
+        x = layer(x)
+        if type(layer).__name__ == "Reshape":
+            return type(reader)(reader.input, x)
 
 
 def main(model_path, folder, rounds=3):
@@ -51,6 +65,8 @@ def main(model_path, folder, rounds=3):
         export(model_path, outfile=onnx_path)
         onnx = OnnxModel(onnx_path)
         onnx.predict(x[:256])
+        conv_blocks = conv_blocks_of(breaker.reader)
+        predicted(conv_blocks, inputs[:256], 256)
         readings = {
             "Keras predict, batch 256": lambda: breaker.model.predict(x, batch_size=256, verbose=0),
             "Keras predict, batch 1024": lambda: breaker.model.predict(x, batch_size=1024, verbose=0),
@@ -58,6 +74,8 @@ def main(model_path, folder, rounds=3):
                 lambda: predicted(breaker.model, inputs, 256),
             "the same, reading_model (BatchNorms folded; evaluate's)":
                 lambda: predicted(breaker.reader, inputs, 256),
+            "its conv blocks alone": lambda: predicted(conv_blocks, inputs, 256),
+            "PNG decoding and resizing (prepared)": lambda: prepared(files, [breaker.captcha_format.dim]),
             "ONNX (onnxruntime), batch 256": lambda: onnx.predict(x, batch_size=256),
             "greedy decoding alone": lambda: ctc_decode(probabilities, breaker.captcha_format),
             "beam search (10) alone": lambda: ctc_decode(probabilities, breaker.captcha_format, 10),
@@ -66,14 +84,14 @@ def main(model_path, folder, rounds=3):
             "evaluate, beam search (10)":
                 lambda: evaluate(model_path, folder, Path(scratch) / "beam", beam_width=10),
         }
-        best = dict.fromkeys(readings, float("inf"))
+        best = dict.fromkeys(readings, (float("inf"), 0.0))
         for _ in range(rounds):
             for name, work in readings.items():
                 best[name] = min(best[name], seconds_of(work))
     print(f"\n{model_path}: {len(files)} CAPTCHAs of {folder}, input {breaker.captcha_format.dim}; "
           f"{cpu_line()}; fastest of {rounds} interleaved rounds")
-    for name, seconds in best.items():
-        print(f"{name:60}{len(files) / seconds:10.0f} CAPTCHAs/s{seconds:9.2f} s")
+    for name, (seconds, cpu) in best.items():
+        print(f"{name:60}{len(files) / seconds:10.0f} CAPTCHAs/s{seconds:9.2f} s{cpu / seconds:6.2f} cores")
 
 
 if __name__ == "__main__":
