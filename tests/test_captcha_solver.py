@@ -402,6 +402,7 @@ import sys
 
 import fire
 import keras
+import numpy as np
 
 import captcha_solver
 
@@ -409,6 +410,22 @@ assert keras.backend.backend() == "jax", keras.backend.backend()
 for train_command, evaluate_command in json.loads(sys.argv[1]):
     fire.Fire(captcha_solver.train, command=train_command)
     fire.Fire(captcha_solver.evaluate, command=evaluate_command)
+
+# whether each architecture's training step compiles whole, and its random layers still draw anew
+# each step: their seed generators' states after a step of training
+RANDOM_LAYERS = (keras.layers.RandomTranslation, keras.layers.RandomZoom, keras.layers.Dropout)
+compiled = {}
+for arch in ("book", "whole", "ctc"):
+    model = captcha_solver.build_model(arch, captcha_solver.BOOK_FORMAT)
+    random_layers = [layer for layer in model.layers if isinstance(layer, RANDOM_LAYERS)]
+    seeds = [v for layer in random_layers for v in layer.non_trainable_variables]
+    before = [keras.ops.convert_to_numpy(v.value).copy() for v in seeds]
+    inputs = np.random.default_rng(0).random((4, *model.input_shape[1:]), dtype="float32")
+    model.fit(inputs, np.zeros((4,) if arch == "book" else (4, 4), "int32"), batch_size=2, verbose=0)
+    after = [keras.ops.convert_to_numpy(v.value) for v in seeds]
+    compiled[arch] = {"jit_compile": model.jit_compile, "seeds": len(seeds),
+                      "seeds_moved": sum(not (b == a).all() for b, a in zip(before, after))}
+print("COMPILED", json.dumps(compiled))
 """
 JAX_ARCHS = ("book", "whole", "ctc")
 
@@ -429,6 +446,7 @@ def trained_on_jax(captchas, tmp_path_factory):
                             text=True, cwd=REPO, env={**os.environ, "KERAS_BACKEND": "jax",
                                                       "PYTHONPATH": str(REPO)}, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "compiled.json").write_text(result.stdout.split("COMPILED ")[-1])
     return root
 
 
@@ -436,6 +454,12 @@ def trained_on_jax(captchas, tmp_path_factory):
 def test_the_jax_backend_trains_and_evaluates(arch, trained_on_jax):
     assert load_breaker(trained_on_jax / arch / "captcha_breaker.keras").arch == arch
     assert len(pd.read_csv(trained_on_jax / arch / "eval" / "evaluation.csv")) == 40
+
+
+def test_on_jax_every_architecture_trains_compiled_and_still_draws_its_augmentation_anew(trained_on_jax):
+    compiled = json.loads((trained_on_jax / "compiled.json").read_text())
+    assert {arch: c["jit_compile"] for arch, c in compiled.items()} == dict.fromkeys(JAX_ARCHS, True)
+    assert all(c["seeds"] > 0 and c["seeds_moved"] == c["seeds"] for c in compiled.values()), compiled
 
 
 # ## Other formats: alphabets, lengths, sizes
