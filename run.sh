@@ -63,6 +63,8 @@ demo() {
 case "${1:-}" in
   demo) demo ;;
   test) shift
+        started=$SECONDS
+        echo "== on $($PY -c 'import captcha_common; print(captcha_common.cpu_line())')"
         echo "== ruff check ."; $PY -m ruff check .
         # Three pytest processes share the two cores: one process alone leaves them idle a third of
         # the time, mostly while it imports TensorFlow or JAX (docs/testing.md measures it).
@@ -76,6 +78,7 @@ case "${1:-}" in
         $PY -m pytest -q -n 2 --dist loadfile tests "$@" || status=$?
         wait "$jax_pid" || status=$?
         echo "== the GAN again, on JAX"; cat "$jax_run/log"
+        echo "== ./run.sh test took $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s, set-up excluded"
         exit "$status" ;;
   bench) for b in bench/bench_*.py; do $PY "$b"; done ;;
   serve) $SERVE ;;
