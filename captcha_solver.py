@@ -919,9 +919,9 @@ class Breaker:
 
     @cached_property
     def reader(self):
-        """The model that reads: the Keras model's reading_model, built on first use from the
-        weights as they are then (a model that trains on after reading needs a new Breaker, as
-        dataclasses.replace makes); an ONNX session as it is."""
+        """The model that reads: the Keras model's reading_model, built on first use, whose folded
+        convolutions keep the weights as they were then (a model that trains on after reading
+        needs a new Breaker, as dataclasses.replace makes); an ONNX session as it is."""
         return reading_model(self.model) if isinstance(self.model, keras.Model) else self.model
 
     def takes(self, sizes):

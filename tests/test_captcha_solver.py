@@ -626,6 +626,21 @@ def test_the_reading_model_folds_batchnorm_and_reads_as_the_model_does(arch):
     np.testing.assert_allclose(reader.predict_on_batch(x), model.predict_on_batch(x), atol=1e-5)
 
 
+def test_a_breaker_folds_once_and_a_replaced_one_folds_the_weights_as_they_are_now():
+    small = replace(BOOK_FORMAT, height=32, width=80)
+    model = captcha_solver.build_model("whole", small, filters=(8, 16))
+    breaker = captcha_solver.Breaker(model, small, "whole")
+    x = np.random.default_rng(0).random((4, 32, 80, 1), dtype=np.float32)
+    before = breaker.reader.predict_on_batch(x)
+    assert breaker.reader is breaker.reader
+    norm = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    norm.moving_mean.assign(norm.moving_mean + 1.0)  # as training moves it
+    np.testing.assert_allclose(breaker.reader.predict_on_batch(x), before)
+    now = model.predict_on_batch(x)
+    assert not np.allclose(now, before, atol=1e-4)
+    np.testing.assert_allclose(replace(breaker).reader.predict_on_batch(x), now, atol=1e-5)
+
+
 # ## Choosing the model that fits
 
 
