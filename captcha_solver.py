@@ -394,8 +394,8 @@ def conv_blocks(input_, filters, width_pools=None):
     x = input_
     for augmentation in augmentations:
         # Keras compiles no training step around these, as TensorFlow's versions don't compile with
-        # XLA. JAX's are jax ops that do, and a JAX step left uncompiled runs op by op: 4.6 times
-        # slower for the CRNN on this CPU, and far worse on a GPU.
+        # XLA. JAX's are jax ops that do, and a JAX step left uncompiled runs op by op: the CRNN's
+        # epochs took 4.8 times as long on this CPU (experiments/jax_compiled_step.py).
         augmentation.supports_jit = augmentation.supports_jit or keras.backend.backend() == "jax"
         x = augmentation(x)
     for block, width in enumerate(filters):
