@@ -147,9 +147,11 @@ def test_the_whole_image_model_reads_four_characters_from_the_whole_captcha():
 
 
 # A few epochs on 600 CAPTCHAs, per architecture: the whole-image model has far more to learn
-# from so few examples (it must find each character's place), so it gets more epochs.
-SMALL_RUNS = {"book": dict(batch_size=4, epochs=4, lr=1e-3),
-              "whole": dict(batch_size=8, epochs=12, lr=2e-3, schedule="cosine")}
+# from so few examples (it must find each character's place), so it gets more epochs, at half the
+# shipped widths, which learn as fast here in two thirds of the time. On the AVX-512 EPYC these
+# reach 0.55 and 0.41 of the validation characters.
+SMALL_RUNS = {"book": dict(batch_size=8, epochs=4, lr=1e-3),
+              "whole": dict(batch_size=8, epochs=12, lr=2e-3, schedule="cosine", filters=(16, 32, 48, 64))}
 
 
 @pytest.fixture(scope="module", params=list(SMALL_RUNS))
