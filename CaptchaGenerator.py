@@ -33,6 +33,7 @@ from captcha_common import (
     CaptchaError,
     candidate_names,
     charset_from,
+    checked_number,
     checked_whole_number,
     decoded,
     ensure_dir,
@@ -55,10 +56,14 @@ MIN_SIDE = 16  # below this a character is a few pixels of noise
 #
 # The book flips a coin for each position: a digit (1/2, so 1/20 each) or a
 # letter (1/2, so 1/52 each). "uniform" makes every character of the alphabet
-# equally likely. With a range of lengths, each CAPTCHA draws its length uniformly.
+# equally likely. With a range of lengths, each CAPTCHA draws its length uniformly. --favour draws
+# some characters more often, for training on the ones a model confuses (ImageCaptcha's O and 0):
+# each position is one of them with probability --favour_share, else drawn as the mix draws it. The
+# favoured draws come after the others, so the same seed without --favour gives the same texts.
 
 
-def random_texts(rng, n, mix="book", charset=CHARSET, lengths=(CAPTCHA_LENGTH, CAPTCHA_LENGTH)):
+def random_texts(rng, n, mix="book", charset=CHARSET, lengths=(CAPTCHA_LENGTH, CAPTCHA_LENGTH),
+                 favour="", favour_share=0.0):
     """n random CAPTCHA texts drawn with a numpy Generator; "book" needs the alphabet A-Z0-9."""
     shortest, longest = lengths
     shape = (n, longest)
@@ -71,8 +76,12 @@ def random_texts(rng, n, mix="book", charset=CHARSET, lengths=(CAPTCHA_LENGTH, C
     else:
         codes = rng.integers(0, len(charset), size=shape)
     sizes = rng.integers(shortest, longest + 1, size=n) if shortest < longest else [longest] * n
-    alphabet = np.array(list(charset))
-    return ["".join(row[:size]) for row, size in zip(alphabet[codes], sizes)]
+    characters = np.array(list(charset))[codes]
+    if favour:
+        favoured = rng.random(shape) < favour_share
+        picks = np.array(list(favour))[rng.integers(0, len(favour), shape)]
+        characters = np.where(favoured, picks, characters)
+    return ["".join(row[:size]) for row, size in zip(characters, sizes)]
 
 
 # ## Rendering
@@ -159,9 +168,11 @@ class Design:
     charset: str = CHARSET
     lengths: tuple = (CAPTCHA_LENGTH, CAPTCHA_LENGTH)
     mix: str = "book"
+    favour: str = ""
+    favour_share: float = 0.0
 
     def texts(self, rng, n):
-        return random_texts(rng, n, self.mix, self.charset, self.lengths)
+        return random_texts(rng, n, self.mix, self.charset, self.lengths, self.favour, self.favour_share)
 
     def render(self, text, seed):
         if self.generator == "claptcha":
@@ -171,16 +182,17 @@ class Design:
     def __str__(self):
         shortest, longest = self.lengths
         lengths = f"{shortest}" if shortest == longest else f"{shortest}-{longest}"
+        favouring = f", favouring {self.favour!r} at {self.favour_share:.0%}" if self.favour else ""
         return (f"{self.generator} {self.width}x{self.height}, {lengths} characters of "
-                f"{self.charset!r}, mix {self.mix}")
+                f"{self.charset!r}, mix {self.mix}{favouring}")
 
 
 def captcha_design(generator="claptcha", font=None, width=None, height=None,
-                   charset="alnum_upper", length=CAPTCHA_LENGTH, mix=None):
+                   charset="alnum_upper", length=CAPTCHA_LENGTH, mix=None, favour=None, favour_share=None):
     """The checked Design for these options; a one-line CaptchaError names the first bad one.
 
     mix defaults to the book's coin flip for claptcha on A-Z0-9, and to uniform otherwise;
-    --mix book on any other alphabet is an error.
+    --mix book on any other alphabet is an error. favour_share defaults to 0.25 with favour.
     """
     if generator not in GENERATORS:
         raise CaptchaError(f"unknown --generator {generator!r}: choose one of {', '.join(GENERATORS)}")
@@ -192,16 +204,34 @@ def captcha_design(generator="claptcha", font=None, width=None, height=None,
         raise CaptchaError(f"--mix book flips a coin between A-Z and 0-9, so it needs --charset alnum_upper, "
                            f"got {charset!r}: use --mix uniform")
     mix = mix or ("book" if generator == "claptcha" and book_alphabet else "uniform")
+    favouring = checked_favour(favour, favour_share, charset)
     if generator == "claptcha":
         asked = (CLAPTCHA_SIZE[0] if width is None else width, CLAPTCHA_SIZE[1] if height is None else height)
         if asked != CLAPTCHA_SIZE:
             raise CaptchaError(f"claptcha draws 200x80 only, not {asked[0]}x{asked[1]}: "
                                "leave them out or use --generator captcha")
-        return Design("claptcha", find_font(font), *CLAPTCHA_SIZE, charset, lengths, mix)
+        return Design("claptcha", find_font(font), *CLAPTCHA_SIZE, charset, lengths, mix, *favouring)
     width = IMAGECAPTCHA_SIZE[0] if width is None else checked_whole_number("width", width, MIN_SIDE)
     height = IMAGECAPTCHA_SIZE[1] if height is None else checked_whole_number("height", height, MIN_SIDE)
     font = None if font is None else find_font(font)
-    return Design("captcha", font, width, height, charset, lengths, mix)
+    return Design("captcha", font, width, height, charset, lengths, mix, *favouring)
+
+
+def checked_favour(favour, favour_share, charset):
+    """(favour, favour_share) of a Design: characters of charset, and a share within (0, 1]."""
+    if favour is None:
+        if favour_share is not None:
+            raise CaptchaError("--favour_share is the share of positions drawn from --favour: "
+                               "give --favour too")
+        return "", 0.0
+    favour = str(favour)
+    strangers = sorted(set(favour) - set(charset))
+    if not favour or strangers or len(set(favour)) < len(favour):
+        raise CaptchaError(f"--favour must name characters of --charset once each, got {favour!r}")
+    share = 0.25 if favour_share is None else favour_share
+    if checked_number("favour_share", share, 0, 1) == 0:
+        raise CaptchaError("--favour_share must be above 0: leave --favour out to favour nothing")
+    return favour, float(share)
 
 
 def drawn_texts(design, n, seeds):
@@ -260,13 +290,13 @@ def _checked_workers(workers):
 
 def generate_captcha(outdir, font=None, num_captchas=20000, mix=None, seed=None, workers=None,
                      generator="claptcha", width=None, height=None, charset="alnum_upper",
-                     length=CAPTCHA_LENGTH):
+                     length=CAPTCHA_LENGTH, favour=None, favour_share=None):
     """Write num_captchas new CAPTCHAs into outdir; returns their file names in order.
 
     The same seed gives byte-identical files whatever the number of worker processes.
     """
     num_captchas = checked_whole_number("num_captchas", num_captchas)
-    design = captcha_design(generator, font, width, height, charset, length, mix)
+    design = captcha_design(generator, font, width, height, charset, length, mix, favour, favour_share)
     workers = _checked_workers(workers)
     outdir = ensure_dir(outdir)
     seeds = np.random.SeedSequence(seed)
@@ -309,12 +339,14 @@ def main_process(outdir_train=None, num_captchas_train=16000,
                  outdir_val=None, num_captchas_val=4000,
                  outdir_test=None, num_captchas_test=4000,
                  font=None, mix=None, seed=None, workers=None,
-                 generator="claptcha", width=None, height=None, charset="alnum_upper", length=CAPTCHA_LENGTH):
+                 generator="claptcha", width=None, height=None, charset="alnum_upper", length=CAPTCHA_LENGTH,
+                 favour=None, favour_share=None):
     """Generate the train, validation and test folders that are given; each split draws its own texts.
 
     --generator claptcha (the book's, 200x80 only) or captcha (ImageCaptcha, --width/--height, default
     160x60); --charset a name (digits, upper, lower, alnum_upper, alnum_lower, alnum) or the characters;
-    --length 4 or a range 4-6; --mix book (claptcha's default on A-Z0-9) or uniform.
+    --length 4 or a range 4-6; --mix book (claptcha's default on A-Z0-9) or uniform; --favour O0
+    draws those characters at a quarter of the positions (--favour_share) besides the mix's draws.
     """
     requested = {
         split: (outdir, checked_whole_number(f"num_captchas_{split}", count))
@@ -327,7 +359,8 @@ def main_process(outdir_train=None, num_captchas_train=16000,
     }
     if not requested:
         raise CaptchaError("nothing to generate: give --outdir_train, --outdir_val or --outdir_test")
-    options = dict(generator=generator, width=width, height=height, charset=charset, length=length)
+    options = dict(generator=generator, width=width, height=height, charset=charset, length=length,
+                   favour=favour, favour_share=favour_share)
     design = captcha_design(font=font, mix=mix, **options)
     workers = _checked_workers(workers)
     root_seed = np.random.SeedSequence(seed).entropy

@@ -678,8 +678,8 @@ RECIPES = ("book", "fast")
 def recipe_settings(recipe, arch, batch_size, lr, epochs, schedule, filters=WHOLE_FILTERS, precision=None):
     """(batch_size, lr, epochs, schedule, filters, dtype policy) that a recipe trains arch with;
     precision, if given, overrides the recipe's."""
-    if precision is not None and precision not in PRECISIONS:
-        raise CaptchaError(f"unknown --precision {precision!r}: choose {' or '.join(PRECISIONS)}")
+    if precision is not None:
+        checked_precision(precision)
     if recipe == "book":
         return batch_size, lr, epochs, schedule, filters, PRECISIONS[precision or "float32"]
     if recipe == "fast":
@@ -690,6 +690,12 @@ def recipe_settings(recipe, arch, batch_size, lr, epochs, schedule, filters=WHOL
         return (fast["batch_size"], fast["lr"], fast["epochs"], fast["schedule"],
                 fast.get("filters", filters), PRECISIONS[precision] if precision else fast_precision())
     raise CaptchaError(f"unknown --recipe {recipe!r}: choose {' or '.join(RECIPES)}")
+
+
+def checked_precision(precision):
+    if precision not in PRECISIONS:
+        raise CaptchaError(f"unknown --precision {precision!r}: choose {' or '.join(PRECISIONS)}")
+    return precision
 
 
 def fast_precision(cpuinfo="/proc/cpuinfo"):
@@ -722,11 +728,14 @@ def float32_model(model, arch, captcha_format, filters):
     return copy
 
 
-def fresh_design(fresh, redraw, dest_train, generator, width, height, font, charset, length, mix):
+def fresh_design(fresh, redraw, dest_train, generator, width, height, font, charset, length, mix,
+                 favour=None, favour_share=None):
     """The CaptchaGenerator design that --fresh draws from, or None where --dest_train is read."""
     if fresh is None:
         if redraw:
             raise CaptchaError("--redraw replaces CAPTCHAs drawn by --fresh: give --fresh N too")
+        if favour is not None or favour_share is not None:
+            raise CaptchaError("--favour chooses the texts that --fresh draws: give --fresh N too")
         if dest_train is None:
             raise CaptchaError("give --dest_train, a folder of CAPTCHAs, or --fresh N to draw N in memory")
         return None
@@ -734,7 +743,29 @@ def fresh_design(fresh, redraw, dest_train, generator, width, height, font, char
         raise CaptchaError("give --dest_train or --fresh, not both")
     checked_whole_number("fresh", fresh, 1)
     checked_number("redraw", redraw, 0, 1)
-    return captcha_design(generator, font, width, height, charset, length, mix)
+    return captcha_design(generator, font, width, height, charset, length, mix, favour, favour_share)
+
+
+def initial_breaker(init_model, arch, captcha_format):
+    """The breaker whose weights --init_model starts training from: one of the same architecture
+    and format, or one clear line saying what differs."""
+    if init_model is None:
+        return None
+    breaker = load_breaker(init_model)
+    if breaker.arch != arch or breaker.captcha_format != captcha_format:
+        raise CaptchaError(f"--init_model {init_model} is --arch {breaker.arch} reading "
+                           f"{breaker.captcha_format.describe()}; this run trains --arch {arch} reading "
+                           f"{captcha_format.describe()}")
+    return breaker
+
+
+def started_from(model, breaker):
+    """model with breaker's weights, or one clear line where their layers differ (--filters)."""
+    shapes = [tuple(w.shape) for w in model.weights]
+    if shapes != [tuple(w.shape) for w in breaker.model.weights]:
+        raise CaptchaError(f"--init_model {breaker.name} has other layer sizes than this run's model: "
+                           "give the --filters it was trained with")
+    model.set_weights(breaker.model.get_weights())
 
 
 def train(dest_train=None, dest_val=None, outdir=None, batch_size=16, n_classes=None, dim=None,
@@ -742,7 +773,7 @@ def train(dest_train=None, dest_val=None, outdir=None, batch_size=16, n_classes=
           arch="book", charset=None, length=None, case_sensitive=False, skip_bad_labels=False,
           filters=WHOLE_FILTERS, distribute=False, recipe="book", fresh=None, redraw=0.0,
           generator="claptcha", width=None, height=None, font=None, mix=None, resume=False,
-          precision=None):
+          precision=None, favour=None, favour_share=None, init_model=None):
     """Train a breaker (the book's by default); writes captcha_breaker.keras, history.csv and
     curves.png to outdir. The format is the book's for --arch book; for --arch whole or ctc, --charset
     (a name: digits, upper, lower, alnum_upper, alnum_lower, alnum; or the characters), --length
@@ -759,8 +790,11 @@ def train(dest_train=None, dest_val=None, outdir=None, batch_size=16, n_classes=
     --fresh N trains on N CAPTCHAs drawn in memory instead of --dest_train's, by the generator that
     --generator, --width, --height, --font, --mix, --charset and --length choose (CaptchaGenerator's
     options and defaults), and --redraw F replaces a fraction F of them with new ones every epoch.
+    --favour O0 draws those characters more often (CaptchaGenerator's --favour, --favour_share).
 
-    Every epoch leaves a checkpoint in outdir; --resume True goes on from it."""
+    --init_model PATH starts from a breaker's weights instead of new ones: fine-tuning, with the
+    architecture, format and --filters it was trained with. Every epoch leaves a checkpoint in
+    outdir; --resume True goes on from it."""
     batch_size, lr, epochs, schedule, filters, policy = recipe_settings(
         recipe, arch, batch_size, lr, epochs, schedule, filters, precision)
     _checked_settings(schedule, arch)
@@ -768,7 +802,7 @@ def train(dest_train=None, dest_val=None, outdir=None, batch_size=16, n_classes=
         raise CaptchaError("train needs --dest_val, a folder of validation CAPTCHAs, and --outdir")
     design = fresh_design(fresh, redraw, dest_train, generator, width, height, font,
                           "alnum_upper" if charset is None else charset,
-                          CAPTCHA_LENGTH if length is None else length, mix)
+                          CAPTCHA_LENGTH if length is None else length, mix, favour, favour_share)
     if design is None:
         train_files = list_captchas(dest_train)
         labels, image_sizes = [label_from_filename(f) for f in train_files], image_sizes_of(train_files)
@@ -780,6 +814,7 @@ def train(dest_train=None, dest_val=None, outdir=None, batch_size=16, n_classes=
                                f"but --fresh draws {design.width}x{design.height}: give the generator's "
                                "--width and --height that drew them")
     captcha_format = training_format(labels, arch, charset, length, dim, case_sensitive, n_classes)
+    initial = initial_breaker(init_model, arch, captcha_format)
     epochs_done = epochs_done_in(outdir, epochs) if resume else 0
     outdir = ensure_dir(outdir)
     if seed is not None:
@@ -805,6 +840,8 @@ def train(dest_train=None, dest_val=None, outdir=None, batch_size=16, n_classes=
             if epochs_done:
                 restore_checkpoint(model, outdir)
                 history_until(outdir / "history.csv", epochs_done)
+            elif initial:
+                started_from(model, initial)
             model.fit(train_generator, epochs=epochs, initial_epoch=epochs_done,
                       validation_data=val_generator, callbacks=callbacks, verbose=progress_verbosity())
     finally:
@@ -863,11 +900,12 @@ def image_sizes_of(files):
 ASPECT_TOLERANCE = 0.05  # the three families drawn here are 6.7% (160x60 and 200x80) or more apart
 
 
-def reading_model(model):
+def reading_model(model, precision="float32"):
     """The model as it reads: without its random augmentation layers, which do nothing then, and
     with each BatchNormalization folded into the convolution before it. Reading, a BatchNorm is one
     scale and shift per channel, which the convolution's kernel and bias can carry; folded, it no
-    longer costs two passes over each feature map, the largest tensors of a reading."""
+    longer costs two passes over each feature map, the largest tensors of a reading. With
+    precision bfloat16 it computes in mixed bfloat16 (computing_in)."""
     chain = [layer for layer in model.layers[1:]
              if not isinstance(layer, (layers.RandomTranslation, layers.RandomZoom))]
     x = input_ = keras.Input(model.input_shape[1:])
@@ -880,7 +918,31 @@ def reading_model(model):
         else:
             x = layer(x)
             index += 1
-    return keras.Model(input_, x, name=model.name)
+    reader = keras.Model(input_, x, name=model.name)
+    return reader if precision == "float32" else computing_in(reader, PRECISIONS[precision])
+
+
+def computing_in(model, policy):
+    """A copy of a chain of layers (as every breaker is) that computes under a dtype policy, all
+    but its last layer, which gives float32 probabilities; the variables stay float32."""
+    config = model.get_config()
+    *inner, output = config["layers"]
+    config["layers"] = [with_policy(layer, policy) for layer in inner] + [output]
+    copy = keras.Model.from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def with_policy(config, policy):
+    """A layer's config with every dtype policy in it, its wrapped layers' included, set to policy.
+    An InputLayer's dtype is a plain name, not a policy, and is left as it is."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy":
+            return policy
+        return {key: with_policy(value, policy) for key, value in config.items()}
+    if isinstance(config, list):
+        return [with_policy(value, policy) for value in config]
+    return config
 
 
 def foldable(layer, following):
@@ -903,13 +965,14 @@ def folded_convolution(conv, norm, x):
 @dataclass
 class Breaker:
     """A model that reads CAPTCHAs (Keras, or an ONNX session with the same predict), with the
-    format it reads, its architecture, its file's name and the (width, height) of the images it
-    was trained on, where its file records them."""
+    format it reads, its architecture, its file's name, the (width, height) of the images it
+    was trained on, where its file records them, and the precision it reads in."""
     model: object
     captcha_format: CaptchaFormat
     arch: str
     name: str = ""
     image_sizes: tuple = ()
+    precision: str = "float32"
 
     @property
     def aspects(self):
@@ -919,10 +982,13 @@ class Breaker:
 
     @cached_property
     def reader(self):
-        """The model that reads: the Keras model's reading_model, built on first use, whose folded
-        convolutions keep the weights as they were then (a model that trains on after reading
-        needs a new Breaker, as dataclasses.replace makes); an ONNX session as it is."""
-        return reading_model(self.model) if isinstance(self.model, keras.Model) else self.model
+        """The model that reads: the Keras model's reading_model in the breaker's precision, built
+        on first use, whose folded convolutions keep the weights as they were then (a model that
+        trains on after reading needs a new Breaker, as dataclasses.replace makes); an ONNX session
+        as it is."""
+        if isinstance(self.model, keras.Model):
+            return reading_model(self.model, self.precision)
+        return self.model
 
     def takes(self, sizes):
         """Which of (N, 2) image (width, height) sizes it can read: those within ASPECT_TOLERANCE
@@ -949,13 +1015,16 @@ class OnnxModel:
                                for i in range(0, len(x), batch_size)])
 
 
-def load_breaker(model_path):
-    """A breaker this script wrote (.keras, or .onnx from export), or one clear line saying why the
-    file isn't one."""
+def load_breaker(model_path, precision="float32"):
+    """A breaker this script wrote (.keras, or .onnx from export) that reads in precision, or one
+    clear line saying why the file isn't one."""
     model_path = Path(str(model_path))
     if not model_path.is_file():
         raise CaptchaError(f"no model file at {model_path}")
     if model_path.suffix == ".onnx":
+        if precision != "float32":
+            raise CaptchaError(f"{model_path} is an ONNX export, which reads in float32: "
+                               f"--precision {precision} reads Keras models (.keras)")
         return _load_onnx_breaker(model_path)
     try:
         model = keras.models.load_model(model_path, compile=False)  # reading needs no optimizer
@@ -967,7 +1036,7 @@ def load_breaker(model_path):
                          for entry in (FORMAT_ENTRY, IMAGE_SIZES_ENTRY))
     captcha_format = CaptchaFormat.from_json(stored) if stored else BOOK_FORMAT
     return Breaker(model, captcha_format, arch_of(model, captcha_format, model_path), model_path.name,
-                   stored_sizes(sizes))
+                   stored_sizes(sizes), precision)
 
 
 def stored_sizes(text):
@@ -1138,13 +1207,13 @@ class Reading(NamedTuple):
 
 
 @cache
-def automatic_readers(folder):
+def automatic_readers(folder, precision="float32"):
     """The CAPTCHA breakers of a folder that the automatic choice reads with (other Keras models
-    are passed over), loaded once per process."""
+    are passed over), loaded once per process and precision."""
     breakers = []
     for path in sorted(Path(folder).glob("*.keras")):
         try:
-            breakers.append(load_breaker(path))
+            breakers.append(load_breaker(path, precision))
         except NotABreaker:
             continue
     if not breakers:
@@ -1153,13 +1222,15 @@ def automatic_readers(folder):
     return tuple(b for b in breakers if b.arch != "book" or (b.captcha_format, b.aspects) not in whole)
 
 
-def readers_for(model_path):
-    """(the models to read with, whether each image goes only to the models that take it): those of
-    a folder, models/ when model_path is None; or the one model file, which reads every image."""
+def readers_for(model_path, precision="float32"):
+    """(the models to read with, in precision, whether each image goes only to the models that take
+    it): those of a folder, models/ when model_path is None; or the one model file, which reads
+    every image."""
+    precision = checked_precision(precision)
     path = MODELS if model_path is None else Path(str(model_path))
     if path.is_dir():
-        return automatic_readers(path.resolve()), True
-    return (load_breaker(path),), False
+        return automatic_readers(path.resolve(), precision), True
+    return (load_breaker(path, precision),), False
 
 
 def checked_confidence(min_confidence):
@@ -1212,15 +1283,15 @@ def checked_target(file, readers):
     return label
 
 
-def read(image, model_path=None, min_confidence=None, beam_width=1):
+def read(image, model_path=None, min_confidence=None, beam_width=1, precision="float32"):
     """One CAPTCHA, read as predict reads it: Reading(text, confidence, model). The image is a
     path, encoded bytes (PNG, JPEG...) or a uint8 array, H x W x 3 RGB or H x W grayscale. The
     models of a folder (models/ when model_path is None) are loaded on the first call and kept. An
     image that no model takes is a CaptchaError saying why. beam_width > 1: CTC models decode by
-    beam search (ctc_beam_decode)."""
+    beam search (ctc_beam_decode). precision bfloat16: as for evaluate."""
     min_confidence = checked_confidence(min_confidence)
     beam_width = checked_whole_number("beam_width", beam_width, 1)
-    readers, by_shape = readers_for(model_path)
+    readers, by_shape = readers_for(model_path, precision)
     readings, _ = read_images(readers, [image], by_shape, min_confidence, beam_width)
     reading = readings.iloc[0]
     if not reading.models:
@@ -1232,18 +1303,21 @@ def read(image, model_path=None, min_confidence=None, beam_width=1):
 
 
 def evaluate(model_path=None, eval_dest=None, outdir=None, fetch_target=True, min_confidence=None,
-             beam_width=1):
+             beam_width=1, precision="float32"):
     """Read every CAPTCHA in eval_dest; writes evaluation.csv, and with targets a gallery of failures.
     --model_path: a model file reads every CAPTCHA; a folder (models/ when not given) reads each with
     the models that take it, as predict does, and evaluation.csv gains the model chosen, its
     confidence and why a CAPTCHA is unread. Below --min_confidence a reading is '?', unread and
     wrong. A target is compared as the chosen model's format compares it (case-insensitive ones fold
-    case). --beam_width N > 1: CTC models decode by beam search over N prefixes instead of greedily."""
+    case). --beam_width N > 1: CTC models decode by beam search over N prefixes instead of greedily.
+    --precision bfloat16: Keras models compute in mixed bfloat16, faster where the CPU has bfloat16
+    instructions (AVX512-BF16 or AMX) and slower where it has not; readings may differ from
+    float32's in a few CAPTCHAs in ten thousand (docs/solver.md)."""
     if eval_dest is None or outdir is None:
         raise CaptchaError("evaluate needs --eval_dest (the folder of CAPTCHAs) and --outdir")
     min_confidence = checked_confidence(min_confidence)
     beam_width = checked_whole_number("beam_width", beam_width, 1)
-    readers, by_shape = readers_for(model_path)
+    readers, by_shape = readers_for(model_path, precision)
     files = list_captchas(eval_dest)
     labels = [checked_target(f, readers) for f in files] if fetch_target else None
     readings, images = read_images(readers, files, by_shape, min_confidence, beam_width)
@@ -1365,16 +1439,17 @@ def failure_grid(images, columns=4):
     return grid, caption_places
 
 
-def predict(path, model_path=None, min_confidence=None, beam_width=1):
+def predict(path, model_path=None, min_confidence=None, beam_width=1, precision="float32"):
     """Print the text of one CAPTCHA image, or of every image in a folder. Without --model_path,
     each image is read by every model in models/ that takes it (one trained on images of its
     shape) and the likeliest reading is kept: a line gives the file, the text, the model and its
     confidence, or '?' and why, when no model takes the image or its confidence is below
     --min_confidence. --model_path: a folder of models is read as models/ is; a model file (.keras
-    or .onnx) reads every image, and a line gives the file and the text. --beam_width as for evaluate."""
+    or .onnx) reads every image, and a line gives the file and the text. --beam_width and
+    --precision as for evaluate."""
     min_confidence = checked_confidence(min_confidence)
     beam_width = checked_whole_number("beam_width", beam_width, 1)
-    readers, by_shape = readers_for(model_path)
+    readers, by_shape = readers_for(model_path, precision)
     path = Path(str(path))
     if not path.exists():
         raise CaptchaError(f"no such file or folder: {path}")

@@ -10,10 +10,12 @@
       CRNN trained with CTC (`--arch ctc`), greedy decoding included; and ImageCaptcha 170x80
       CAPTCHAs with the CRNN that reads them at 64x160 in colour, at the fast recipe's widths
       16/32/64/96 (the input and widths of models/imagecaptcha_4_alnum_upper.keras), greedily,
-      by beam search over 10 prefixes, and exported to ONNX;
+      by beam search over 10 prefixes, exported to ONNX, and read in bfloat16 (`--precision
+      bfloat16`, which is faster only where the CPU has bfloat16 instructions);
   (d) evaluating CAPTCHAs of another family, ImageCaptcha 160x60 with 4 to 6 characters of
       0-9a-z, with the CRNN of that format at 64x160 in colour (the input and widths of
-      models/imagecaptcha_4to6_alnum_lower.keras), as a Keras model and exported to ONNX;
+      models/imagecaptcha_4to6_alnum_lower.keras), as a Keras model, exported to ONNX and read in
+      bfloat16;
   (e) evaluating a folder that mixes three families (claptcha 200x80, ImageCaptcha 170x80 of
       4 and 160x60 of 4-6 characters) with the automatic choice among the shipped models' kinds:
       the whole-image model for claptcha and the two CRNNs, each recording the size it was
@@ -37,6 +39,7 @@ import fire
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.variants import best_of, report  # noqa: E402
+from captcha_common import cpu_line  # noqa: E402
 
 
 def book_evaluate(model, eval_dest, files, index_to_char_dict, load_img):
@@ -148,7 +151,8 @@ def evaluate_variant(ours, variant, data, book_eval):
         count = len(files)
     else:
         model_path, folder = data / EVAL_MODELS[variant][0], data / EVAL_MODELS[variant][1]
-        ours.evaluate(model_path, folder, data / f"{variant}_out", beam_width=10 if "beam" in variant else 1)
+        ours.evaluate(model_path, folder, data / f"{variant}_out", beam_width=10 if "beam" in variant else 1,
+                      precision="bfloat16" if "bf16" in variant else "float32")
         count = len(os.listdir(folder))
     return report(time.perf_counter() - start, count=count)
 
@@ -160,8 +164,10 @@ EVAL_MODELS = {"ours_eval": ("untrained.keras", "eval"),
                "ctc_colour_eval": ("untrained_ctc_colour.keras", "upper_eval"),
                "ctc_colour_beam_eval": ("untrained_ctc_colour.keras", "upper_eval"),
                "ctc_colour_onnx_eval": ("untrained_ctc_colour.onnx", "upper_eval"),
+               "ctc_colour_bf16_eval": ("untrained_ctc_colour.keras", "upper_eval"),
                "family_eval": ("untrained_family.keras", "family_eval"),
                "family_onnx_eval": ("untrained_family.onnx", "family_eval"),
+               "family_bf16_eval": ("untrained_family.keras", "family_eval"),
                "auto_eval": ("models", "mixed_eval")}
 
 
@@ -217,16 +223,16 @@ def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, 
     with tempfile.TemporaryDirectory() as scratch:
         make_data(scratch, num_eval, num_train, seed)
         rows = best_of(__file__, ("book_eval", "ours_eval", "whole_eval", "ctc_eval", "ctc_colour_eval",
-                                  "ctc_colour_beam_eval", "ctc_colour_onnx_eval", "family_eval",
-                                  "family_onnx_eval", "auto_eval", "book_train", "ours_train",
-                                  "book_data", "ours_data"), repeats, "--data", scratch,
-                       "--book_eval", book_eval,
+                                  "ctc_colour_beam_eval", "ctc_colour_onnx_eval", "ctc_colour_bf16_eval",
+                                  "family_eval", "family_onnx_eval", "family_bf16_eval", "auto_eval",
+                                  "book_train", "ours_train", "book_data", "ours_data"), repeats,
+                       "--data", scratch, "--book_eval", book_eval,
                        in_this_process=one_process and (lambda v: run_variant(v, scratch, book_eval)))
 
     def rate(row):
         return row["count"] / row["seconds"]
 
-    print(f"\nbench_solver on {os.cpu_count()} cores ({num_eval} CAPTCHAs to read, {num_train} to train on; "
+    print(f"\nbench_solver on {cpu_line()} ({num_eval} CAPTCHAs to read, {num_train} to train on; "
           f"fastest of {repeats} interleaved runs)")
     print(f"{'':40}{'CAPTCHAs/s':>12}{'seconds':>10}{'peak MiB':>10}")
     for variant, label in [("book_eval", f"(a) book: predict per slice ({book_eval})"),
@@ -236,8 +242,10 @@ def main(num_eval=4000, num_train=4000, book_eval=100, repeats=3, variant=None, 
                            ("ctc_colour_eval", f"(c) ... 64x160 colour, 170x80 ({num_eval})"),
                            ("ctc_colour_beam_eval", f"(c) ... and beam search ({num_eval})"),
                            ("ctc_colour_onnx_eval", f"(c) ... 64x160 colour, ONNX ({num_eval})"),
+                           ("ctc_colour_bf16_eval", f"(c) ... 64x160 colour, bfloat16 ({num_eval})"),
                            ("family_eval", f"(d) ImageCaptcha 4-6: evaluate ({num_eval})"),
                            ("family_onnx_eval", f"(d) ... ONNX: evaluate ({num_eval})"),
+                           ("family_bf16_eval", f"(d) ... bfloat16: evaluate ({num_eval})"),
                            ("auto_eval", f"(e) automatic: evaluate ({3 * num_eval} mixed)"),
                            ("book_train", "(b) book: disk DataGenerator epoch"),
                            ("ours_train", "(b) ours: in-memory epoch"),

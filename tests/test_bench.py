@@ -30,9 +30,10 @@ def test_bench_solver_reports_every_variant_and_ratio():
     for label in ("(a) book: predict per slice (2)", "(a) ours: evaluate (20)",
                   "(c) whole-image: evaluate (20)", "(c) CRNN with CTC: evaluate (20)",
                   "(c) ... 64x160 colour, 170x80 (20)", "(c) ... and beam search (20)",
-                  "(c) ... 64x160 colour, ONNX (20)",
+                  "(c) ... 64x160 colour, ONNX (20)", "(c) ... 64x160 colour, bfloat16 (20)",
                   "(d) ImageCaptcha 4-6: evaluate (20)",
-                  "(d) ... ONNX: evaluate (20)", "(b) book: disk DataGenerator epoch",
+                  "(d) ... ONNX: evaluate (20)", "(d) ... bfloat16: evaluate (20)",
+                  "(e) automatic: evaluate (60 mixed)", "(b) book: disk DataGenerator epoch",
                   "(b) ours: in-memory epoch", "(b) book: an epoch's batches",
                   "(b) ours: an epoch's batches"):
         row = next(line for line in output.splitlines() if line.startswith(label))

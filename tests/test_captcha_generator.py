@@ -11,7 +11,7 @@ from PIL import Image
 from scipy.stats import chisquare
 
 import CaptchaGenerator
-from captcha_common import DIGITS, LETTERS, CaptchaError, label_from_filename
+from captcha_common import CHARSET, DIGITS, LETTERS, CaptchaError, label_from_filename
 from CaptchaGenerator import generate_captcha, main_process, random_texts, write_captcha
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,6 +268,18 @@ def test_a_range_of_lengths_draws_every_length_evenly_from_the_alphabet():
     assert set("".join(texts)) == set("abc123")
 
 
+def test_favour_draws_its_characters_at_its_share_and_leaves_the_rest_of_the_draw_as_it_was():
+    plain = random_texts(np.random.default_rng(5), 4000, "uniform", CHARSET)
+    favoured = random_texts(np.random.default_rng(5), 4000, "uniform", CHARSET, favour="O0",
+                            favour_share=0.25)
+    changed = [(a, b) for x, y in zip(plain, favoured) for a, b in zip(x, y) if a != b]
+    assert changed and all(b in "O0" for _, b in changed)
+    share = np.mean([c in "O0" for text in favoured for c in text])
+    assert share == pytest.approx(0.25 + 0.75 * 2 / 36, abs=0.01)  # 0.29, against 0.056 without
+    design = CaptchaGenerator.captcha_design("captcha", favour="O0")
+    assert (design.favour, design.favour_share) == ("O0", 0.25) and "favouring 'O0' at 25%" in str(design)
+
+
 def test_imagecaptcha_files_have_the_size_alphabet_and_lengths_asked_for(tmp_path):
     names = imagecaptcha(tmp_path, n=40)
     assert sorted(names) == sorted(os.listdir(tmp_path))
@@ -307,6 +319,11 @@ def test_names_differ_in_more_than_case(tmp_path):
     ({"width": 8}, "width"),
     ({"charset": ""}, "charset"),
     ({"length": "6-4"}, "length"),
+    ({"favour": "O0", "charset": "alnum_lower"}, "--favour must name characters of --charset once each"),
+    ({"favour": "OO"}, "--favour must name characters of --charset once each"),
+    ({"favour_share": 0.5}, "give --favour too"),
+    ({"favour": "0", "favour_share": 0}, "--favour_share must be above 0"),
+    ({"favour": "0", "favour_share": 1.5}, "--favour_share must be a number within [0, 1]"),
 ])
 def test_bad_designs_are_one_line_errors_before_anything_is_written(tmp_path, options, message):
     with pytest.raises(CaptchaError, match=re.escape(message)):

@@ -592,6 +592,8 @@ def test_the_onnx_export_reads_as_keras_does(trained, captchas, tmp_path, capsys
     exported = load_breaker(tmp_path / "breaker.onnx")
     assert read_captchas(exported, images) == by_keras
     assert exported.image_sizes == load_breaker(trained / "captcha_breaker.keras").image_sizes
+    with pytest.raises(CaptchaError, match="ONNX export, which reads in float32"):
+        load_breaker(tmp_path / "breaker.onnx", "bfloat16")
     capsys.readouterr()
     predict(captchas / "test", model_path=tmp_path / "breaker.onnx")
     assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == by_keras
@@ -626,6 +628,32 @@ def test_the_reading_model_folds_batchnorm_and_reads_as_the_model_does(arch):
                         keras.layers.RandomZoom}
     x = rng.random((16, 32, 80, 1), dtype=np.float32)
     np.testing.assert_allclose(reader.predict_on_batch(x), model.predict_on_batch(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["book", "whole", "ctc"])
+def test_a_reader_in_bfloat16_computes_in_it_and_reads_as_float32_does(arch):
+    captcha_format = BOOK_FORMAT if arch == "book" else replace(BOOK_FORMAT, height=32, width=80)
+    model = captcha_solver.build_model(arch, captcha_format, filters=(8, 16))
+    shape = captcha_solver.arch_shapes(captcha_format)[arch][0]
+    x = np.random.default_rng(0).random((16, *shape), dtype=np.float32)
+    reader = captcha_solver.reading_model(model, "bfloat16")
+    inner = list(reader.layers[1:-1])
+    inner += [wrapped for layer in inner for wrapped in (getattr(layer, "forward_layer", None),
+                                                         getattr(layer, "backward_layer", None)) if wrapped]
+    assert {layer.compute_dtype for layer in inner} == {"bfloat16"}
+    assert reader.layers[-1].compute_dtype == "float32"
+    assert all(weight.dtype == "float32" for weight in reader.weights)
+    probabilities = np.asarray(reader.predict_on_batch(x))
+    assert probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities, model.predict_on_batch(x), atol=0.02)
+
+
+def test_an_unknown_reading_precision_is_one_line(captchas, tmp_path):
+    for call in (lambda: captcha_solver.read(np.zeros((80, 200), np.uint8), precision="half"),
+                 lambda: evaluate(eval_dest=captchas / "test", outdir=tmp_path / "out", precision="half")):
+        with pytest.raises(CaptchaError, match="unknown --precision 'half': choose float32 or bfloat16"):
+            call()
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_breaker_folds_once_and_a_replaced_one_folds_the_weights_as_they_are_now():
@@ -864,12 +892,15 @@ def test_the_shipped_imagecaptcha_models_read_fresh_captchas_of_their_family(nam
     images, _ = load_captchas(files, breaker.captcha_format, with_labels=False)
     texts = read_captchas(breaker, images)
     assert np.mean([text == captcha_solver.label_from_filename(f) for text, f in zip(texts, files)]) >= 0.95
+    in_bfloat16 = read_captchas(load_breaker(captcha_solver.MODELS / name, "bfloat16"), images)
+    assert np.mean([a == b for a, b in zip(in_bfloat16, texts)]) >= 0.99
 
 
 def test_read_takes_a_path_bytes_or_an_array_and_loads_the_models_once(captchas, monkeypatch):
     files = list_captchas(captchas / "test")[:3]
     loads = []
-    monkeypatch.setattr(captcha_solver, "load_breaker", lambda path: loads.append(path) or load_breaker(path))
+    monkeypatch.setattr(captcha_solver, "load_breaker",
+                        lambda path, precision: loads.append(path) or load_breaker(path, precision))
     captcha_solver.automatic_readers.cache_clear()
     for file in files:
         rgb = cv2.cvtColor(cv2.imread(str(file)), cv2.COLOR_BGR2RGB)
@@ -1135,12 +1166,32 @@ def test_train_on_fresh_captchas_records_the_redraws_wait(tmp_path):
     (dict(fresh=10, width=170, height=80), "claptcha draws 200x80 only, not 170x80"),
     (dict(fresh=10, generator="captcha", width=8), "--width must be a whole number of 16"),
     (dict(fresh=10, generator="captcha"), "--dest_val holds CAPTCHAs of 200x80, but --fresh draws 160x60"),
+    (dict(favour="O0"), "--favour chooses the texts that --fresh draws: give --fresh N too"),
+    (dict(fresh=10, favour="o"), "--favour must name characters of --charset"),
 ])
 def test_fresh_captchas_the_generator_cannot_draw_are_refused(options, message, captchas, tmp_path):
     options.setdefault("dest_train", None)
     with pytest.raises(CaptchaError, match=message):
         train(dest_val=captchas / "test", outdir=tmp_path / "out", arch="whole", **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_init_model_starts_from_a_breakers_weights(captchas, tmp_path):
+    small = dict(arch="whole", filters=(8, 16), batch_size=50, epochs=1, seed=0)
+    train(captchas / "train", captchas / "val", tmp_path / "first", **small)
+    first = load_breaker(tmp_path / "first" / "captcha_breaker.keras").model
+    train(captchas / "train", captchas / "val", tmp_path / "tuned", lr=1e-12, **small,
+          init_model=tmp_path / "first" / "captcha_breaker.keras")
+    tuned = load_breaker(tmp_path / "tuned" / "captcha_breaker.keras").model
+    for before, after in zip(first.trainable_weights, tuned.trainable_weights):  # lr ~0: nothing moved
+        np.testing.assert_allclose(np.asarray(after), np.asarray(before), atol=1e-6)
+    with pytest.raises(CaptchaError, match="give the --filters it was trained with"):
+        train(captchas / "train", captchas / "val", tmp_path / "wider", **{**small, "filters": (8, 24)},
+              init_model=tmp_path / "first" / "captcha_breaker.keras")
+    with pytest.raises(CaptchaError, match="is --arch whole reading .* this run trains --arch ctc"):
+        train(captchas / "train", captchas / "val", tmp_path / "ctc", **{**small, "arch": "ctc"},
+              init_model=tmp_path / "first" / "captcha_breaker.keras")
+    assert not (tmp_path / "ctc").exists()
 
 
 @pytest.mark.parametrize("epochs_done", [1, 2])
