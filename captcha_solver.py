@@ -1315,8 +1315,8 @@ def evaluate(model_path=None, eval_dest=None, outdir=None, fetch_target=True, mi
     wrong. A target is compared as the chosen model's format compares it (case-insensitive ones fold
     case). --beam_width N > 1: CTC models decode by beam search over N prefixes instead of greedily.
     --precision bfloat16: Keras models compute in mixed bfloat16, faster where the CPU has bfloat16
-    instructions (AVX512-BF16 or AMX) and slower where it has not; readings may differ from
-    float32's in a few CAPTCHAs in ten thousand (docs/solver.md)."""
+    instructions (AVX512-BF16 or AMX), emulated where it has not; readings differed from float32's
+    in 1 to 6 of 4,000 CAPTCHAs for the shipped models (docs/solver.md)."""
     if eval_dest is None or outdir is None:
         raise CaptchaError("evaluate needs --eval_dest (the folder of CAPTCHAs) and --outdir")
     min_confidence = checked_confidence(min_confidence)

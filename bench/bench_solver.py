@@ -11,7 +11,7 @@
       CAPTCHAs with the CRNN that reads them at 64x160 in colour, at the fast recipe's widths
       16/32/64/96 (the input and widths of models/imagecaptcha_4_alnum_upper.keras), greedily,
       by beam search over 10 prefixes, exported to ONNX, and read in bfloat16 (`--precision
-      bfloat16`, which is faster only where the CPU has bfloat16 instructions);
+      bfloat16`, faster where the CPU has bfloat16 instructions);
   (d) evaluating CAPTCHAs of another family, ImageCaptcha 160x60 with 4 to 6 characters of
       0-9a-z, with the CRNN of that format at 64x160 in colour (the input and widths of
       models/imagecaptcha_4to6_alnum_lower.keras), as a Keras model, exported to ONNX and read in

@@ -15,7 +15,9 @@ From the repository root:
   python captcha_solver.py evaluate --model_path runs/ozero_ctc/captcha_breaker.keras \\
     --eval_dest data/hidden/ozero --outdir runs/ozero_ctc/eval_hidden
   .venv/bin/python experiments/o_and_zero.py runs/ozero_ctc/eval_hidden/evaluation.csv \\
-    runs/ic4_ctc/eval_hidden_beam1/evaluation.csv
+    runs/reading_precision/imagecaptcha_4_alnum_upper/float32/evaluation.csv
+(the second: `evaluate --model_path models/imagecaptcha_4_alnum_upper.keras --eval_dest data/hidden/ic4
+--outdir runs/reading_precision/imagecaptcha_4_alnum_upper/float32`, with the model before its fine-tuning)
 
 For each evaluation.csv it counts the O and 0 of the targets, in the readings of the right length
 (a reading of another length can't be lined up character by character), and how many were read
