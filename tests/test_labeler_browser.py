@@ -12,7 +12,6 @@ from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from captcha_labeler import PROMOTED, Database, init, running_server
@@ -61,9 +60,13 @@ def read_pictures(driver, truth):
 def answer(driver, texts):
     for box, text in zip(driver.find_elements(By.CSS_SELECTOR, "input[type=text]"), texts):
         box.send_keys(text)
-    button = driver.find_element(By.CSS_SELECTOR, "button[type=submit]")
-    button.click()
-    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(button))  # the answer's page is in
+    # The old page is marked, and the answer's page is in once a loaded document lacks the mark.
+    # Waiting for the button to go stale instead raced the navigation under load: Chromium then
+    # answers "Node with given id does not belong to the document", which is no staleness error.
+    driver.execute_script("window.answeredPage = true")
+    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(driver, 20).until(lambda d: d.execute_script(
+        "return window.answeredPage === undefined && document.readyState === 'complete'"))
     return driver.find_element(By.CSS_SELECTOR, ".message").text
 
 
