@@ -364,11 +364,57 @@ class BatchDeviation(layers.Layer):
         return (*input_shape[:-1], input_shape[-1] + 1)
 
 
+def phase_taps(kernel_size, stride):
+    """How a "same" transposed convolution of stride s reads its input, phase by phase. Output row
+    s*m + a sums input rows m + d, d from -before to after, each times one kernel row:
+    taps[a, d + before] is that row's index, or kernel_size for none (a zero row)."""
+    pad = stride + kernel_size - 2
+    left = min(pad // 2 + pad % 2, kernel_size - 1)  # Keras's own padding for "same"
+    pairs = [((a + t - left) // stride, a, kernel_size - 1 - t) for a in range(stride)
+             for t in range(kernel_size) if (a + t - left) % stride == 0]
+    before, after = -min(d for d, _, _ in pairs), max(d for d, _, _ in pairs)
+    taps = np.full((stride, before + after + 1), kernel_size)
+    for d, a, row in pairs:
+        taps[a, d + before] = row
+    return taps, before, after
+
+
+def conv_transpose_by_phases(x, kernel, stride):
+    """The "same" strided transposed convolution of x (N, H, W, in) by a Keras kernel
+    (k, k, out, in), computed as one plain convolution whose out channels are the stride x stride
+    output phases, then interleaved: the same sums, in another order."""
+    taps, before, after = phase_taps(kernel.shape[0], stride)
+    width, (h, w), out = taps.shape[1], ops.shape(x)[1:3], kernel.shape[2]
+    kernel = ops.pad(kernel, [(0, 1), (0, 1), (0, 0), (0, 0)])  # the zero row and column
+    kernel = ops.take(ops.take(kernel, taps, axis=0), taps, axis=2)  # (a, i, b, j, out, in)
+    kernel = ops.reshape(ops.transpose(kernel, (1, 3, 5, 0, 2, 4)), (width, width, -1, stride * stride * out))
+    phases = ops.conv(ops.pad(x, [(0, 0), (before, after), (before, after), (0, 0)]), kernel)
+    phases = ops.reshape(phases, (-1, h, w, stride, stride, out))  # (N, H, W, a, b, out)
+    return ops.reshape(ops.transpose(phases, (0, 1, 3, 2, 4, 5)), (-1, h * stride, w * stride, out))
+
+
+@keras.saving.register_keras_serializable(package="captcha_gan")
+class PhasedConv2DTranspose(layers.Conv2DTranspose):
+    """Keras's Conv2DTranspose, with the same weights and sums, computed by phases on JAX. There
+    XLA runs a strided transposed convolution (an input-dilated convolution) on a CPU about ten
+    times slower than the plain convolution of conv_transpose_by_phases (docs/devices.md); on
+    TensorFlow, oneDNN's own kernel runs, as the book's network always has."""
+
+    def call(self, inputs):
+        phased = (keras.backend.backend() == "jax" and self.padding == "same" and self.output_padding is None
+                  and self.dilation_rate == (1, 1) and self.data_format == "channels_last"
+                  and self.strides[0] == self.strides[1])
+        if not phased:
+            return super().call(inputs)
+        outputs = conv_transpose_by_phases(inputs, self.kernel, self.strides[0])
+        return self.activation(outputs + self.bias if self.use_bias else outputs)
+
+
 def upsampling_layer(filters, kernel, resize):
     """Twice the height and width: a strided transposed convolution, or resize and convolve."""
     if resize:
         return [layers.UpSampling2D(2), layers.Conv2D(filters, kernel_size=3, padding="same")]
-    return [layers.Conv2DTranspose(filters, kernel_size=kernel, strides=2, padding="same")]
+    return [PhasedConv2DTranspose(filters, kernel_size=kernel, strides=2, padding="same")]
 
 
 def generator(input_dim, alpha=0.2, arch="book", name="generator", conditional=False):

@@ -18,6 +18,8 @@ import captcha_gan
 from captcha_common import CaptchaError, label_from_filename
 from captcha_gan import (
     DCGAN,
+    PhasedConv2DTranspose,
+    conv_transpose_by_phases,
     discriminator,
     download_svhn,
     generate_captcha,
@@ -193,8 +195,9 @@ def test_networks_are_the_books():
     g = generator(100, 0.2)
     assert [type(layer).__name__ for layer in g.layers] == [
         "Dense", "Reshape", "BatchNormalization", "LeakyReLU",
-        "Conv2DTranspose", "BatchNormalization", "LeakyReLU",
-        "Conv2DTranspose", "BatchNormalization", "LeakyReLU", "Conv2DTranspose", "Activation"]
+        "PhasedConv2DTranspose", "BatchNormalization", "LeakyReLU",
+        "PhasedConv2DTranspose", "BatchNormalization", "LeakyReLU", "PhasedConv2DTranspose", "Activation"]
+    assert all(isinstance(layer, keras.layers.Conv2DTranspose) for layer in g.layers[4::3])
     assert g.output_shape == (None, 32, 32, 3) and g.layers[0].units == 8192
     d = discriminator((32, 32, 3), 0.2)
     assert [type(layer).__name__ for layer in d.layers] == [
@@ -206,12 +209,29 @@ def test_networks_are_the_books():
     assert d.output_shape == (None, 1)
 
 
+@pytest.mark.parametrize("kernel_size, stride", [(5, 2), (4, 2), (3, 2), (5, 3)])
+def test_a_transposed_convolution_by_phases_is_keras_own(kernel_size, stride):
+    rng = np.random.default_rng(kernel_size + stride)
+    x = rng.standard_normal((2, 5, 7, 6)).astype("float32")
+    kernel = rng.standard_normal((kernel_size, kernel_size, 4, 6)).astype("float32")
+    expected = keras.ops.conv_transpose(x, kernel, strides=stride, padding="same")
+    phased = conv_transpose_by_phases(x, kernel, stride)
+    assert phased.shape == expected.shape == (2, 5 * stride, 7 * stride, 4)
+    np.testing.assert_allclose(phased, expected, atol=1e-4)
+    layer = PhasedConv2DTranspose(4, kernel_size, strides=stride, padding="same")
+    plain = keras.layers.Conv2DTranspose(4, kernel_size, strides=stride, padding="same")
+    layer.build(x.shape), plain.build(x.shape)
+    plain.set_weights([kernel, rng.standard_normal(4).astype("float32")])
+    layer.set_weights(plain.get_weights())  # the same weights
+    np.testing.assert_allclose(layer(x), plain(x), atol=1e-4)
+
+
 def test_the_sn_networks_resize_then_convolve_and_d_is_sngans():
     book_g, sn_g = generator(100, 0.2), generator(100, 0.2, arch="sn")
     sn_d = discriminator((32, 32, 3), arch="sn")
     kinds = [type(layer).__name__ for layer in sn_g.layers]
     assert kinds == [k for kind in (type(layer).__name__ for layer in book_g.layers)
-                     for k in (["UpSampling2D", "Conv2D"] if kind == "Conv2DTranspose" else [kind])]
+                     for k in (["UpSampling2D", "Conv2D"] if kind == "PhasedConv2DTranspose" else [kind])]
     assert sn_g.layers[0].units == 4 * 4 * 256 and sn_g.output_shape == (None, 32, 32, 3)
     assert [layer.filters for layer in sn_g.layers if hasattr(layer, "filters")] == [128, 64, 3]
     assert sn_g.count_params() < book_g.count_params() / 4
