@@ -220,7 +220,8 @@ def test_a_transposed_convolution_by_phases_is_keras_own(kernel_size, stride):
     np.testing.assert_allclose(phased, expected, atol=1e-4)
     layer = PhasedConv2DTranspose(4, kernel_size, strides=stride, padding="same")
     plain = keras.layers.Conv2DTranspose(4, kernel_size, strides=stride, padding="same")
-    layer.build(x.shape), plain.build(x.shape)
+    layer.build(x.shape)
+    plain.build(x.shape)
     plain.set_weights([kernel, rng.standard_normal(4).astype("float32")])
     layer.set_weights(plain.get_weights())  # the same weights
     np.testing.assert_allclose(layer(x), plain(x), atol=1e-4)
