@@ -393,15 +393,24 @@ def conv_transpose_by_phases(x, kernel, stride):
     return ops.reshape(ops.transpose(phases, (0, 1, 3, 2, 4, 5)), (-1, h * stride, w * stride, out))
 
 
+def _jax_on_cpu():
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
 @keras.saving.register_keras_serializable(package="captcha_gan")
 class PhasedConv2DTranspose(layers.Conv2DTranspose):
-    """Keras's Conv2DTranspose, with the same weights and sums, computed by phases on JAX. There
-    XLA runs a strided transposed convolution (an input-dilated convolution) on a CPU about ten
-    times slower than the plain convolution of conv_transpose_by_phases (docs/devices.md); on
-    TensorFlow, oneDNN's own kernel runs, as the book's network always has."""
+    """Keras's Conv2DTranspose, with the same weights and sums, computed by phases on JAX on a CPU.
+    There XLA runs a strided transposed convolution (an input-dilated convolution) about ten times
+    slower than the plain convolution of conv_transpose_by_phases (docs/devices.md). Elsewhere
+    Keras's own call runs: oneDNN's kernel on TensorFlow, as the book's network always has, and
+    XLA's on a GPU, which was not measured slow."""
 
     def call(self, inputs):
-        phased = (keras.backend.backend() == "jax" and self.padding == "same" and self.output_padding is None
+        phased = (_jax_on_cpu() and self.padding == "same" and self.output_padding is None
                   and self.dilation_rate == (1, 1) and self.data_format == "channels_last"
                   and self.strides[0] == self.strides[1])
         if not phased:
