@@ -67,7 +67,9 @@ case "${1:-}" in
         echo "== on $($PY -c 'import captcha_common; print(captcha_common.cpu_line())')"
         echo "== ruff check ."; $PY -m ruff check .
         # Three pytest processes share the two cores: one process alone leaves them idle a third of
-        # the time, mostly while it imports TensorFlow or JAX (docs/testing.md measures it).
+        # the time, mostly while it imports TensorFlow or JAX (docs/testing.md measures it). With the
+        # cores full, TensorFlow's second thread per operation spent more CPU than it saved.
+        export TF_NUM_INTRAOP_THREADS=1
         jax_run=$(mktemp -d)
         KERAS_BACKEND=jax $PY -m pytest -q --basetemp "$jax_run/tmp" tests/test_captcha_gan.py "$@" \
           >"$jax_run/log" 2>&1 & jax_pid=$!

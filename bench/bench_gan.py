@@ -1,5 +1,5 @@
 """DCGAN training steps per second: the book's loop against our compiled step, same networks,
-same batch size, on an SVHN-sized file (73,257 images in SVHN's .mat layout, random pixels:
+same batch size, on an SVHN-sized file (73,257 images in SVHN's .mat layout, or --num_images; random pixels:
 speed doesn't depend on what the pictures show). Our step runs on TensorFlow (`ours`) and on
 JAX (`ours_jax`), and on TensorFlow compiled by XLA (`ours_xla`), the compiler JAX always uses:
 the last row tells whether a slower JAX step is JAX's doing or XLA's on this CPU. The book's loop
@@ -119,10 +119,12 @@ RUNS = {"book": book_steps, "ours": our_steps, "ours_jax": our_steps,
 
 
 def main(steps=10, batch_size=100, warmup=2, repeats=2, variants=tuple(VARIANTS), variant=None,
-         mat=None, one_process=False):
+         mat=None, one_process=False, num_images=SVHN_TRAIN_IMAGES):
     """variants: which rows to run; a box without TensorFlow runs --variants ours_jax.
     --one_process True runs the variants of this process's backend here: quicker at a tiny size,
-    as the tests run it, but its figures are not for comparing (bench/variants.py says why)."""
+    as the tests run it, but its figures are not for comparing (bench/variants.py says why).
+    --num_images: the file's size; fewer than SVHN's hold less memory, as the tests want, and the
+    peak memory then is not the book's."""
     if variant:
         report(RUNS[variant](mat, steps, batch_size, warmup))
         return
@@ -132,8 +134,8 @@ def main(steps=10, batch_size=100, warmup=2, repeats=2, variants=tuple(VARIANTS)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as scratch:
         mat = os.path.join(scratch, "train_32x32.mat")
-        savemat(mat, {"X": rng.integers(0, 256, (32, 32, 3, SVHN_TRAIN_IMAGES), dtype=np.uint8),
-                      "y": rng.integers(1, 11, (SVHN_TRAIN_IMAGES, 1)).astype(np.uint8)})
+        savemat(mat, {"X": rng.integers(0, 256, (32, 32, 3, num_images), dtype=np.uint8),
+                      "y": rng.integers(1, 11, (num_images, 1)).astype(np.uint8)})
         backend = keras.backend.backend()
         rows = best_of(__file__, variants, repeats, "--mat", mat, "--steps", steps,
                        "--batch_size", batch_size, "--warmup", warmup,
@@ -142,7 +144,7 @@ def main(steps=10, batch_size=100, warmup=2, repeats=2, variants=tuple(VARIANTS)
                        in_this_process=one_process and (
                            lambda name: report(RUNS[name](mat, steps, batch_size, warmup))))
     print(f"\nbench_gan on {os.cpu_count()} cores: {steps} steps at batch {batch_size}, "
-          f"{SVHN_TRAIN_IMAGES} images held in memory; fastest of {repeats} interleaved runs")
+          f"{num_images} images held in memory; fastest of {repeats} interleaved runs")
     print(f"{'':36}{'steps/s':>10}{'s/step':>10}{'peak MiB':>10}")
     for name in variants:
         row = rows[name]

@@ -110,7 +110,7 @@ def make_checker(breaker, images, texts, cap_s, steps_per_epoch, epochs, name):
 
 
 def run_contestant(number, data, cap_s, seed):
-    """Train one contestant in this process; prints its curve and peak memory as a JSON line."""
+    """Train one contestant in this process; its curve, decoding seconds and peak memory."""
     start_keras([])
     import keras
     import numpy as np
@@ -124,19 +124,23 @@ def run_contestant(number, data, cap_s, seed):
     breaker, batches, epochs, decoding = contestant_setup(number, data, seed)
     checker = make_checker(breaker, images, texts, cap_s, len(batches), epochs, CONTESTANTS[number])
     breaker.model.fit(batches, epochs=epochs, callbacks=[checker], verbose=0)
-    print(json.dumps({"curve": checker.curve, "decoding": decoding, "peak_mib": peak_mib()}))
+    return {"curve": checker.curve, "decoding": decoding, "peak_mib": peak_mib()}
 
 
 # ## The race
 
 
-def race(number, data, target, cap_s, seed):
-    """Run one contestant in a fresh process and summarise its curve."""
-    command = [__file__, "--contestant", number, "--data", data, "--cap_s", cap_s, "--seed", seed]
-    result = subprocess.run([sys.executable, *map(str, command)], stdout=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"contestant {number} failed (exit {result.returncode})")
-    row = json.loads(result.stdout.strip().splitlines()[-1])
+def race(number, data, target, cap_s, seed, one_process):
+    """Run one contestant in a fresh process, or in this one with one_process, and summarise its
+    curve."""
+    if one_process:
+        row = run_contestant(number, data, cap_s, seed)
+    else:
+        command = [__file__, "--contestant", number, "--data", data, "--cap_s", cap_s, "--seed", seed]
+        result = subprocess.run([sys.executable, *map(str, command)], stdout=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"contestant {number} failed (exit {result.returncode})")
+        row = json.loads(result.stdout.strip().splitlines()[-1])
     reached = next((point for point in row["curve"] if point["whole"] >= target), None)
     last = row["curve"][-1]
     return {**row, "name": CONTESTANTS[number], "reached": reached, "final": last,
@@ -187,9 +191,13 @@ def plot(rows, target, path):
 
 
 def main(num_train=31270, num_check=2000, target=0.932, cap_s=1800, seed=0,
-         outdir=REPO / "docs", contestant=None, data=None):
+         outdir=REPO / "docs", contestant=None, data=None, one_process=False):
+    """--one_process True runs the contestants one after the other in this process: quicker at a
+    tiny size, as the tests run it, but they then share its warm caches and its peak memory so
+    far, and the figures are not for comparing."""
     if contestant:
-        return run_contestant(int(contestant), data, float(cap_s), int(seed))
+        print(json.dumps(run_contestant(int(contestant), data, float(cap_s), int(seed))))
+        return
     from CaptchaGenerator import main_process
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -199,7 +207,7 @@ def main(num_train=31270, num_check=2000, target=0.932, cap_s=1800, seed=0,
         generation = time.perf_counter() - start
         rows = {}
         for number, name in CONTESTANTS.items():
-            rows[number] = race(number, scratch, target, cap_s, seed)
+            rows[number] = race(number, scratch, target, cap_s, seed, one_process)
             print(f"{number}. {name}: {rows[number]['final']['seconds']:.0f} s of training", flush=True)
 
     outdir = ensure_dir(outdir)
