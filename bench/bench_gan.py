@@ -1,6 +1,6 @@
 """DCGAN training steps per second: the book's loop against our compiled step, same networks,
-same batch size, on an SVHN-sized file (73,257 images in SVHN's .mat layout, or --num_images; random pixels:
-speed doesn't depend on what the pictures show). Our step runs on TensorFlow (`ours`) and on
+same batch size, on an SVHN-sized file (73,257 images in SVHN's .mat layout, or --num_images;
+random pixels: speed doesn't depend on what the pictures show). Our step runs on TensorFlow (`ours`) and on
 JAX (`ours_jax`), and on TensorFlow compiled by XLA (`ours_xla`), the compiler JAX always uses:
 the last row tells whether a slower JAX step is JAX's doing or XLA's on this CPU. The book's loop
 runs on TensorFlow, its own backend.
