@@ -412,7 +412,7 @@ class PhasedConv2DTranspose(layers.Conv2DTranspose):
     def call(self, inputs):
         phased = (_jax_on_cpu() and self.padding == "same" and self.output_padding is None
                   and self.dilation_rate == (1, 1) and self.data_format == "channels_last"
-                  and self.strides[0] == self.strides[1])
+                  and self.strides[0] == self.strides[1] and self.kernel_size[0] == self.kernel_size[1])
         if not phased:
             return super().call(inputs)
         outputs = conv_transpose_by_phases(inputs, self.kernel, self.strides[0])

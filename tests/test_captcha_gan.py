@@ -227,6 +227,18 @@ def test_a_transposed_convolution_by_phases_is_keras_own(kernel_size, stride):
     np.testing.assert_allclose(layer(x), plain(x), atol=1e-4)
 
 
+def test_a_layer_the_phases_do_not_cover_runs_as_keras_own():
+    """conv_transpose_by_phases takes square kernels and equal strides: anything else is Keras's."""
+    x = np.random.default_rng(0).standard_normal((1, 4, 4, 2)).astype("float32")
+    for options in (dict(kernel_size=(5, 3), strides=2), dict(kernel_size=3, strides=(2, 1))):
+        layer = PhasedConv2DTranspose(3, padding="same", **options)
+        plain = keras.layers.Conv2DTranspose(3, padding="same", **options)
+        layer.build(x.shape)
+        plain.build(x.shape)
+        layer.set_weights(plain.get_weights())
+        np.testing.assert_allclose(layer(x), plain(x), atol=1e-5)
+
+
 def test_the_sn_networks_resize_then_convolve_and_d_is_sngans():
     book_g, sn_g = generator(100, 0.2), generator(100, 0.2, arch="sn")
     sn_d = discriminator((32, 32, 3), arch="sn")
