@@ -492,7 +492,10 @@ def start_keras(argv=None):
 
         devices = accelerators(keras.backend.backend())
     else:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # later TensorFlow logs: errors only
+        # Later TensorFlow logs: fatal ones only. Its error lines while training are its own
+        # detours (Grappler's remapper failing to fuse a partial batch's graph, oneDNN falling back
+        # to Eigen for int32), which run on; a failure the user must see raises in Python.
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
         with silenced_stderr():
             import keras
 

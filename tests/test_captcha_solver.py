@@ -370,28 +370,27 @@ def test_predict_on_a_missing_path(controlled, tmp_path):
 # ## The command line
 
 
-def run_solver(*args):
-    return subprocess.run([sys.executable, str(REPO / "captcha_solver.py"), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
-
-
-def test_the_books_command_lines(captchas, tmp_path):
+def test_the_books_command_lines(captchas, tmp_path, run_as_a_user, tensorflow_lines):
+    """The chapter's train and evaluate, as printed, run as a user runs them: quiet, too."""
     outdir = tmp_path / "my model"
-    result = run_solver("train", "--dest_train", f"{captchas}/val/", "--dest_val", f"{captchas}/test",
-                        "--outdir", f"{outdir}/", "--batch_size", "16", "--lr", "1e-3", "--epochs", "1",
-                        "--n_classes", "36", "--shuffle", "True", "--dim", "(40,100,1)")
+    result = run_as_a_user("captcha_solver.py", "train", "--dest_train", f"{captchas}/val/",
+                           "--dest_val", f"{captchas}/test", "--outdir", f"{outdir}/", "--batch_size", "16",
+                           "--lr", "1e-3", "--epochs", "1", "--n_classes", "36", "--shuffle", "True",
+                           "--dim", "(40,100,1)")
     assert result.returncode == 0, result.stderr
+    assert tensorflow_lines(result.stderr) == []
     assert (outdir / "captcha_breaker.keras").is_file()
-    result = run_solver("evaluate", "--model_path", str(outdir / "captcha_breaker.keras"),
-                        "--eval_dest", f"{captchas}/test/", "--outdir", str(outdir), "--fetch_target", "True")
+    result = run_as_a_user("captcha_solver.py", "evaluate", "--model_path", outdir / "captcha_breaker.keras",
+                           "--eval_dest", f"{captchas}/test/", "--outdir", outdir, "--fetch_target", "True")
     assert result.returncode == 0, result.stderr
+    assert tensorflow_lines(result.stderr) == []
     assert re.search(r"^Accuracy: [0-9.]+$", result.stdout, re.M)
     assert re.search(r"^\d+\.\d{3} (ms|s|min): captcha_solver$", result.stdout, re.M)
 
 
-def test_bad_input_on_the_command_line_is_one_line(tmp_path):
-    result = run_solver("evaluate", "--model_path", str(tmp_path / "none.keras"),
-                        "--eval_dest", str(tmp_path), "--outdir", str(tmp_path))
+def test_bad_input_on_the_command_line_is_one_line(tmp_path, run_as_a_user):
+    result = run_as_a_user("captcha_solver.py", "evaluate", "--model_path", tmp_path / "none.keras",
+                           "--eval_dest", tmp_path, "--outdir", tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: no model file")
 
@@ -948,8 +947,9 @@ def test_the_shipped_models_leave_an_image_of_no_family_unread(captchas, tmp_pat
     assert results.loc["AB12.png", "unread"] == printed["AB12.png"][3]
 
 
-def test_min_confidence_outside_0_to_1_is_one_line_on_the_command_line(captchas):
-    result = run_solver("predict", str(next((captchas / "test").iterdir())), "--min_confidence", "1.5")
+def test_min_confidence_outside_0_to_1_is_one_line_on_the_command_line(captchas, run_as_a_user):
+    result = run_as_a_user("captcha_solver.py", "predict", next((captchas / "test").iterdir()),
+                           "--min_confidence", "1.5")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == ("error: --min_confidence must be a number within "
                                                       "[0, 1], got 1.5")
