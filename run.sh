@@ -71,8 +71,11 @@ case "${1:-}" in
         # cores full, TensorFlow's second thread per operation spent more CPU than it saved.
         export TF_NUM_INTRAOP_THREADS=1
         jax_run=$(mktemp -d)
-        KERAS_BACKEND=jax $PY -m pytest -q --basetemp "$jax_run/tmp" tests/test_captcha_gan.py "$@" \
-          >"$jax_run/log" 2>&1 & jax_pid=$!
+        # The GAN's tests on JAX build the same networks again and again, in one process and in the
+        # subprocesses it waits for: a compilation cache of this run's own compiles, written by one
+        # process at a time (so without JAX's file lock), spares 4-15% of their CPU time.
+        KERAS_BACKEND=jax JAX_COMPILATION_CACHE_DIR="$jax_run/compiled" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+          $PY -m pytest -q --basetemp "$jax_run/tmp" tests/test_captcha_gan.py "$@" >"$jax_run/log" 2>&1 & jax_pid=$!
         # An interrupted run stops both. The kill fails once the JAX run has ended, and set -e would
         # then turn a passing run's exit status into 1.
         trap 'kill "$jax_pid" 2>/dev/null || true; rm -rf "$jax_run"' EXIT
