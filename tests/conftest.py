@@ -1,4 +1,6 @@
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +19,23 @@ def font():
 
 @pytest.fixture(scope="session")
 def captchas(tmp_path_factory, font):
-    """A small generated train/val/test set, made once per test session."""
+    """A small generated train/val/test set, made once per test run: pytest-xdist's workers share
+    it, in the run's folder above their own, and the first to need it makes it under a lock."""
     from CaptchaGenerator import main_process
 
-    root = tmp_path_factory.mktemp("captchas")
-    main_process(outdir_train=root / "train", num_captchas_train=600,
-                 outdir_val=root / "val", num_captchas_val=100,
-                 outdir_test=root / "test", num_captchas_test=40,
-                 font=font, mix="book", seed=1234)
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # in xdist's workers: one per run
+    shared = tmp_path_factory.getbasetemp().parent if run_id else tmp_path_factory.getbasetemp()
+    root = shared / (f"captchas-{run_id}" if run_id else "captchas")
+    with open(shared / f"{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not root.exists():
+            partial = shared / f"{root.name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            main_process(outdir_train=partial / "train", num_captchas_train=600,
+                         outdir_val=partial / "val", num_captchas_val=100,
+                         outdir_test=partial / "test", num_captchas_test=40,
+                         font=font, mix="book", seed=1234)
+            partial.rename(root)
     return root
 
 
