@@ -64,5 +64,6 @@ def summary(path, top=40):
         start, end = min(row["start"] for row in its_rows), max(row["end"] for row in its_rows)
         print(f"{start - first:8.0f} {end - first:8.0f}  {worker} ({backend}), {len(its_rows)} tests")
 
+
 if __name__ == "__main__":
     summary(sys.argv[1])
