@@ -1,10 +1,10 @@
 """Issue 21 trial, as run: where a command's CPU time goes, Python process by Python process. Every
 Python process of the venv, the tests' own subprocesses included, writes one line when it exits:
-its arguments, its backend, the test that started it, and its own CPU seconds (its children not
-counted). The hook is a sitecustomize.py put into the venv's site-packages for the run only (the
-tests set PYTHONPATH for their subprocesses, so a folder on PYTHONPATH would not reach them all),
-and taken away afterwards, even when the run fails or is interrupted. Processes that end without
-running exit handlers (killed, os._exit) are not counted.
+its arguments, its backend, the test that started it, its own CPU seconds (its children not
+counted), and which of TensorFlow and JAX it imported. The hook is a sitecustomize.py put into the
+venv's site-packages for the run only (the tests set PYTHONPATH for their subprocesses, so a folder
+on PYTHONPATH would not reach them all), and taken away afterwards, even when the run fails or is
+interrupted. Processes that end without running exit handlers (killed, os._exit) are not counted.
 
 From the repository root:
   .venv/bin/python experiments/cpu_by_process.py ./run.sh test
@@ -27,7 +27,9 @@ def _report():
     with open({log!r}, "a") as log:
         log.write(json.dumps({{"argv": sys.argv[:2], "backend": os.environ.get("KERAS_BACKEND", ""),
                                "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
-                               "cpu_s": usage.ru_utime + usage.ru_stime}}) + "\\n")
+                               "cpu_s": usage.ru_utime + usage.ru_stime,
+                               "imported": [name for name in ("tensorflow", "jax") if name in sys.modules]}})
+                  + "\\n")
 
 
 atexit.register(_report)
@@ -61,7 +63,7 @@ def main(*command):
     status = run_with_hook(list(command), log)
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     print(f"{len(rows)} Python processes, {sum(row['cpu_s'] for row in rows):.0f} CPU s in all "
-          f"(exit status {status})")
+          f"(exit status {status}); one line each in {log}")
     print(f"{'CPU s':>8} {'procs':>5}  test file | script | backend")
     for (test, script, backend), (count, cpu_s) in grouped(rows)[:40]:
         print(f"{cpu_s:8.1f} {count:5d}  {test} | {script} | {backend}")
