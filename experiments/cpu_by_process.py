@@ -64,6 +64,10 @@ def main(*command):
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     print(f"{len(rows)} Python processes, {sum(row['cpu_s'] for row in rows):.0f} CPU s in all "
           f"(exit status {status}); one line each in {log}")
+    imported = collections.Counter(
+        (row["backend"] or "tensorflow", " and ".join(row["imported"]) or "neither") for row in rows)
+    for (backend, names), count in imported.most_common():
+        print(f"{count:5d} processes on {backend} imported {names}")
     print(f"{'CPU s':>8} {'procs':>5}  test file | script | backend")
     for (test, script, backend), (count, cpu_s) in grouped(rows)[:40]:
         print(f"{cpu_s:8.1f} {count:5d}  {test} | {script} | {backend}")
